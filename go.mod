@@ -1,0 +1,8 @@
+module github.com/wsproxy/wsproxy
+
+go 1.26.8
+
+require (
+	github.com/gomodule/redigo v1.9.3
+	golang.org/x/net v0.62.0
+)

@@ -1,0 +1,1569 @@
+// Command wsproxy holds browser WebSocket connections on behalf of stateless
+// workers that only talk to Redis.
+//
+//	browser ──WebSocket──▶ wsproxy ──PUBLISH session:{id}:up──────▶ Redis ──▶ worker
+//	browser ◀──WebSocket── wsproxy ◀──SUBSCRIBE session:{id}:down── Redis ◀── worker PUBLISH
+//
+// Clients connect to /{agent_id}/ws/{session_id}. Before answering 101 the
+// proxy authenticates the client (the token stored at session:{id}:auth, a
+// JWT, or nothing) and subscribes to session:{id}:down, so nothing a worker
+// publishes after the client's onopen is lost. One Redis connection receives
+// for every session; a pool of others serves GET, EXPIRE, DEL and PUBLISH.
+//
+// The file reads top to bottom: configuration, main, HTTP handlers, the
+// WebSocket connection, the hub that owns the Redis subscription, metrics,
+// small helpers. The behaviour contract is SPEC.md; README.md has the tour.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unicode/utf8"
+
+	"github.com/gomodule/redigo/redis"
+	"golang.org/x/net/websocket"
+)
+
+// Timing that is not configurable, and how it relates.
+const (
+	// writeWait bounds one write to a client. A client whose socket accepts
+	// nothing for this long is gone, whatever its queue holds.
+	writeWait = 10 * time.Second
+	// closeWait is how long a closing connection waits for the client's
+	// close frame after sending its own (RFC 6455 §7.1.1).
+	closeWait = 2 * time.Second
+	// The shared subscriber sends PING every redisPingPeriod and gives up on
+	// a connection that has said nothing for redisReadTimeout: longer than
+	// the period, so a slow reply is not taken for a dead connection.
+	redisPingPeriod  = 2 * time.Second
+	redisReadTimeout = redisPingPeriod + 3*time.Second
+	// redisCommandTimeout bounds PUBLISH, EXPIRE and the subscriber's dial.
+	redisCommandTimeout = 5 * time.Second
+	// Reconnect backoff doubles from reconnectMin up to reconnectMax, with
+	// jitter so that many instances do not hammer a recovering Redis together.
+	reconnectMin = 100 * time.Millisecond
+	reconnectMax = 5 * time.Second
+	// healthTimeout: /health answers 503 when Redis does not PONG in time.
+	healthTimeout = time.Second
+)
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+// config is every setting, read once at start-up by loadConfig.
+type config struct {
+	Host             string        // HOST, default 0.0.0.0
+	Port             int           // PORT, default 8080
+	RedisURL         string        // REDIS_URL, default redis://127.0.0.1:6379
+	PingInterval     time.Duration // WS_PING_INTERVAL_SECS, default 30
+	PingTimeout      time.Duration // WS_PING_TIMEOUT_SECS, default 10
+	ShutdownGrace    time.Duration // SHUTDOWN_GRACE_PERIOD_SECS, default 30
+	AuthMode         string        // AUTH_MODE: redis (default), jwt or none
+	AuthTimeout      time.Duration // AUTH_TIMEOUT_SECS, default 5
+	AuthGrace        time.Duration // AUTH_GRACE_PERIOD_SECS, default 10800; 0 = single-use token
+	JWTSecret        string        // JWT_SECRET, at least 32 bytes in jwt mode
+	SubscribeTimeout time.Duration // SUBSCRIBE_TIMEOUT_SECS, default 5
+	MaxConnections   int           // MAX_CONNECTIONS, default 50000
+	MaxMessageSize   int           // MAX_MESSAGE_SIZE_BYTES, default 1 MiB
+	MaxBufferSize    int           // MAX_BUFFER_SIZE_BYTES, default 10 MiB
+	IdleTimeout      time.Duration // IDLE_TIMEOUT_SECS, default 0 (off)
+	StreamEndTimeout time.Duration // STREAM_END_TIMEOUT_SECS, default 60; 0 = off
+	UpstreamEnabled  bool          // UPSTREAM_ENABLED, default true
+	AllowedOrigins   []string      // ALLOWED_ORIGINS, comma-separated; empty = any
+	LogLevel         slog.Level    // LOG_LEVEL: debug, info (default), warn, error
+	LogFormat        string        // LOG_FORMAT: json (default) or text
+}
+
+// loadConfig reads every variable through getenv and returns the first
+// malformed one as an error that names it.
+func loadConfig(getenv func(string) string) (*config, error) {
+	var firstErr error
+	fail := func(name, format string, args ...any) {
+		if firstErr == nil {
+			firstErr = fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...))
+		}
+	}
+	str := func(name, def string) string {
+		if v := strings.TrimSpace(getenv(name)); v != "" {
+			return v
+		}
+		return def
+	}
+	integer := func(name string, def, min, max int) int {
+		v := str(name, strconv.Itoa(def))
+		n, err := strconv.Atoi(v)
+		if err != nil || n < min || n > max {
+			fail(name, "must be a whole number from %d to %d, got %q", min, max, v)
+		}
+		return n
+	}
+	// Durations are seconds and may be fractional ("0.5"), which tests use.
+	seconds := func(name string, def float64, allowZero bool) time.Duration {
+		v := str(name, strconv.FormatFloat(def, 'f', -1, 64))
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || math.IsNaN(f) || f < 0 || f > 1e9 || (f == 0 && !allowZero) {
+			what := "a positive number of seconds"
+			if allowZero {
+				what = "a number of seconds, 0 or more"
+			}
+			fail(name, "must be %s, got %q", what, v)
+		}
+		return time.Duration(f * float64(time.Second))
+	}
+	c := &config{
+		Host:             str("HOST", "0.0.0.0"),
+		Port:             integer("PORT", 8080, 1, 65535),
+		RedisURL:         str("REDIS_URL", "redis://127.0.0.1:6379"),
+		PingInterval:     seconds("WS_PING_INTERVAL_SECS", 30, false),
+		PingTimeout:      seconds("WS_PING_TIMEOUT_SECS", 10, false),
+		ShutdownGrace:    seconds("SHUTDOWN_GRACE_PERIOD_SECS", 30, true),
+		AuthMode:         str("AUTH_MODE", "redis"),
+		AuthTimeout:      seconds("AUTH_TIMEOUT_SECS", 5, false),
+		AuthGrace:        seconds("AUTH_GRACE_PERIOD_SECS", 10800, true),
+		JWTSecret:        getenv("JWT_SECRET"),
+		SubscribeTimeout: seconds("SUBSCRIBE_TIMEOUT_SECS", 5, false),
+		MaxConnections:   integer("MAX_CONNECTIONS", 50000, 1, math.MaxInt32),
+		MaxMessageSize:   integer("MAX_MESSAGE_SIZE_BYTES", 1<<20, 1, math.MaxInt32),
+		MaxBufferSize:    integer("MAX_BUFFER_SIZE_BYTES", 10<<20, 1, math.MaxInt32),
+		IdleTimeout:      seconds("IDLE_TIMEOUT_SECS", 0, true),
+		StreamEndTimeout: seconds("STREAM_END_TIMEOUT_SECS", 60, true),
+		LogFormat:        str("LOG_FORMAT", "json"),
+	}
+	if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+		// The URL may hold a password, so it is not repeated.
+		fail("REDIS_URL", "must be a redis:// or rediss:// URL with a host")
+	}
+	switch c.AuthMode {
+	case "redis", "none":
+	case "jwt":
+		if len(c.JWTSecret) < 32 {
+			fail("JWT_SECRET", "must be at least 32 bytes when AUTH_MODE=jwt")
+		}
+	default:
+		fail("AUTH_MODE", "must be redis, jwt or none, got %q", c.AuthMode)
+	}
+	upstream, err := strconv.ParseBool(str("UPSTREAM_ENABLED", "true"))
+	if err != nil {
+		fail("UPSTREAM_ENABLED", "must be true or false, got %q", getenv("UPSTREAM_ENABLED"))
+	}
+	c.UpstreamEnabled = upstream
+	for _, o := range strings.Split(getenv("ALLOWED_ORIGINS"), ",") {
+		if o = strings.TrimSpace(o); o != "" {
+			c.AllowedOrigins = append(c.AllowedOrigins, strings.TrimSuffix(o, "/"))
+		}
+	}
+	if err := c.LogLevel.UnmarshalText([]byte(str("LOG_LEVEL", "info"))); err != nil {
+		fail("LOG_LEVEL", "must be debug, info, warn or error, got %q", getenv("LOG_LEVEL"))
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		fail("LOG_FORMAT", "must be json or text, got %q", c.LogFormat)
+	}
+	return c, firstErr
+}
+
+// environment returns a getenv that prefers the real environment and falls
+// back to the KEY=VALUE lines of a .env file, if there is one.
+func environment(dotenvPath string) (func(string) string, error) {
+	file := map[string]string{}
+	data, err := os.ReadFile(dotenvPath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	for i, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		key, value, ok := strings.Cut(strings.TrimPrefix(line, "export "), "=")
+		if !ok {
+			return nil, fmt.Errorf("%s line %d: want KEY=VALUE", dotenvPath, i+1)
+		}
+		value = strings.TrimSpace(value)
+		if len(value) >= 2 && (value[0] == '"' || value[0] == '\'') && value[len(value)-1] == value[0] {
+			value = value[1 : len(value)-1]
+		}
+		file[strings.TrimSpace(key)] = value
+	}
+	return func(name string) string {
+		if v, ok := os.LookupEnv(name); ok {
+			return v
+		}
+		return file[name]
+	}, nil
+}
+
+// ---------------------------------------------------------------------------
+// main
+
+func main() {
+	getenv, err := environment(".env")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wsproxy:", err)
+		os.Exit(2)
+	}
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wsproxy:", err)
+		os.Exit(2)
+	}
+	log := newLogger(cfg, os.Stdout)
+	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wsproxy:", err)
+		os.Exit(1)
+	}
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	if err := run(cfg, log, ln, signals); err != nil {
+		log.Error("server failed", "err", err)
+		os.Exit(1)
+	}
+}
+
+func newLogger(cfg *config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// run serves on ln until a signal arrives, then drains (SPEC §5) and returns.
+func run(cfg *config, log *slog.Logger, ln net.Listener, signals <-chan os.Signal) error {
+	p := newProxy(cfg, log)
+	log.Info("starting", "addr", ln.Addr().String(), "config", cfg.redacted())
+	if cfg.AuthMode == "none" {
+		log.Warn("AUTH_MODE=none: every client is accepted without a token; use it for local development only")
+	}
+	ctx, stopHub := context.WithCancel(context.Background())
+	hubDone := make(chan struct{})
+	go func() { defer close(hubDone); p.hub.run(ctx) }()
+	go p.sweepLoop(ctx) // ends with ctx
+
+	srv := &http.Server{Handler: p, ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	select {
+	case err := <-served:
+		stopHub()
+		return err
+	case s := <-signals:
+		log.Info("shutdown signal received", "signal", s.String())
+	}
+	p.drain(signals)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	srv.Shutdown(shutdownCtx) // hijacked WebSockets are not its business; they are closed already
+	stopHub()
+	<-hubDone
+	p.pool.Close()
+	log.Info("stopped")
+	return nil
+}
+
+// ---------------------------------------------------------------------------
+// HTTP handlers
+
+// proxy is the whole service: the HTTP side, the hub, and the Redis pool.
+type proxy struct {
+	cfg      *config
+	log      *slog.Logger
+	mux      *http.ServeMux
+	pool     *redis.Pool // GET, EXPIRE, DEL, PUBLISH, health PING
+	hub      *hub
+	metrics  *metrics
+	draining atomic.Bool
+	slots    atomic.Int64  // connections open or in their handshake, for MAX_CONNECTIONS
+	nextID   atomic.Uint64 // connection ids for logs
+	closed   chan struct{} // poked whenever a connection ends, for drain
+}
+
+func newProxy(cfg *config, log *slog.Logger) *proxy {
+	p := &proxy{cfg: cfg, log: log, mux: http.NewServeMux(), metrics: newMetrics(), closed: make(chan struct{}, 1)}
+	p.pool = &redis.Pool{
+		MaxIdle:     64,
+		IdleTimeout: time.Minute,
+		DialContext: func(ctx context.Context) (redis.Conn, error) { return dialRedis(ctx, cfg) },
+		// A connection that sat idle may have died with a Redis restart:
+		// check it before use, but only then, to keep PUBLISH one round trip.
+		TestOnBorrow: func(c redis.Conn, lastUsed time.Time) error {
+			if time.Since(lastUsed) < time.Second {
+				return nil
+			}
+			_, err := c.Do("PING")
+			return err
+		},
+	}
+	p.hub = newHub(cfg, log, p.metrics)
+	p.mux.HandleFunc("/{agent}/ws/{session}", p.handleWebSocket)
+	p.mux.HandleFunc("/health", getOnly(p.handleHealth))
+	p.mux.HandleFunc("/ready", getOnly(p.handleReady))
+	p.mux.HandleFunc("/metrics", getOnly(p.metrics.handle))
+	p.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, errorBody("not_found", "no such endpoint"))
+	})
+	return p
+}
+
+func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) { p.mux.ServeHTTP(w, r) }
+
+func (p *proxy) handleHealth(w http.ResponseWriter, r *http.Request) {
+	status, body := http.StatusOK, map[string]any{"status": "healthy", "redis": "connected"}
+	if !p.hub.connected() || p.pingRedis() != nil {
+		status, body = http.StatusServiceUnavailable, map[string]any{"status": "unhealthy", "redis": "disconnected"}
+	}
+	body["active_connections"] = p.metrics.active.Load()
+	writeJSON(w, status, body)
+}
+
+func (p *proxy) pingRedis() error {
+	ctx, cancel := context.WithTimeout(context.Background(), healthTimeout)
+	defer cancel()
+	c, err := p.pool.GetContext(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = redis.DoWithTimeout(c, healthTimeout, "PING")
+	return err
+}
+
+func (p *proxy) handleReady(w http.ResponseWriter, r *http.Request) {
+	switch {
+	case p.draining.Load():
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "draining"})
+	case !p.hub.connected():
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "redis_unavailable"})
+	default:
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+	}
+}
+
+// handshakeError is a refusal before 101 (SPEC §2).
+type handshakeError struct {
+	status        int
+	code, message string
+}
+
+// handleWebSocket runs every check of SPEC §2 in order, subscribes, and only
+// then lets x/net/websocket answer 101. The checks live here rather than in
+// websocket.Server.Handshake because that hook can only answer 403.
+func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", "GET")
+		writeJSON(w, http.StatusMethodNotAllowed, errorBody("method_not_allowed", "use GET"))
+		return
+	}
+	agentID, sessionID := r.PathValue("agent"), r.PathValue("session")
+	if !validID(agentID) || !validID(sessionID) {
+		p.refuse(w, r, &handshakeError{400, "bad_request", "agent_id and session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ -"})
+		return
+	}
+	if p.draining.Load() {
+		p.refuse(w, r, &handshakeError{503, "draining", "the server is shutting down; reconnect to another instance"})
+		return
+	}
+	defer p.releaseSlot()
+	if p.slots.Add(1) > int64(p.cfg.MaxConnections) {
+		p.refuse(w, r, &handshakeError{503, "too_many_connections", "the server is at MAX_CONNECTIONS"})
+		return
+	}
+	if herr := p.checkHandshake(r, sessionID); herr != nil {
+		p.refuse(w, r, herr)
+		return
+	}
+	c := &conn{p: p, id: p.nextID.Add(1), agentID: agentID, sessionID: sessionID,
+		channel: "session:" + sessionID + ":down", opened: time.Now()}
+	c.lastData.Store(c.opened.UnixNano())
+	confirmed, err := p.hub.subscribe(c)
+	if err != nil {
+		p.refuse(w, r, &handshakeError{503, "redis_unavailable", "Redis is unavailable"})
+		return
+	}
+	timeout := time.NewTimer(p.cfg.SubscribeTimeout)
+	defer timeout.Stop()
+	select {
+	case err = <-confirmed:
+	case <-timeout.C:
+		err = errSubscribeTimeout
+	case <-r.Context().Done():
+		err = r.Context().Err()
+	}
+	if err != nil {
+		p.hub.leave(c)
+		if err == errSubscribeTimeout {
+			p.refuse(w, r, &handshakeError{504, "subscribe_timeout", "Redis did not confirm the subscription in time"})
+		} else {
+			p.refuse(w, r, &handshakeError{503, "redis_unavailable", "Redis is unavailable"})
+		}
+		return
+	}
+	served := false
+	ws := websocket.Server{Handler: func(ws *websocket.Conn) { served = true; c.serve(ws) }}
+	ws.ServeHTTP(&hijackCapture{ResponseWriter: w, conn: c}, r)
+	if !served { // x/net/websocket refused what checkHandshake accepted
+		p.hub.leave(c)
+		p.metrics.connections["bad_request"].Add(1)
+	}
+}
+
+// releaseSlot ends a handshake or a connection, and wakes drain, which
+// waits for the count to reach zero.
+func (p *proxy) releaseSlot() {
+	p.slots.Add(-1)
+	select {
+	case p.closed <- struct{}{}:
+	default:
+	}
+}
+
+// checkHandshake is steps 3 to 5 of SPEC §2: upgrade headers, origin, auth.
+func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeError {
+	if !headerHasToken(r.Header, "Connection", "upgrade") || !headerHasToken(r.Header, "Upgrade", "websocket") ||
+		r.Header.Get("Sec-WebSocket-Key") == "" || r.Header.Get("Sec-WebSocket-Version") != "13" {
+		return &handshakeError{400, "bad_request", "not a WebSocket upgrade (RFC 6455 version 13)"}
+	}
+	if origin := r.Header.Get("Origin"); origin != "" && len(p.cfg.AllowedOrigins) > 0 && !contains(p.cfg.AllowedOrigins, origin) {
+		return &handshakeError{403, "origin_not_allowed", "origin " + origin + " is not in ALLOWED_ORIGINS"}
+	}
+	if p.cfg.AuthMode == "none" {
+		return nil
+	}
+	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || token == "" {
+		token = r.URL.Query().Get("token")
+	}
+	if token == "" {
+		return &handshakeError{401, "missing_token", "send Authorization: Bearer <token> or ?token=<token>"}
+	}
+	if p.cfg.AuthMode == "jwt" {
+		return verifyJWT(token, []byte(p.cfg.JWTSecret), sessionID, time.Now())
+	}
+	return p.checkRedisToken(r.Context(), sessionID, token)
+}
+
+// checkRedisToken compares the token with session:{id}:auth, then keeps the
+// key for AUTH_GRACE_PERIOD_SECS so the client can reconnect with it, or
+// deletes it when the grace period is 0 (a single-use token).
+func (p *proxy) checkRedisToken(ctx context.Context, sessionID, token string) *handshakeError {
+	key := "session:" + sessionID + ":auth"
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.AuthTimeout)
+	defer cancel()
+	c, err := p.pool.GetContext(ctx)
+	if err != nil {
+		return redisHandshakeError(err)
+	}
+	defer c.Close()
+	stored, err := redis.Bytes(redis.DoWithTimeout(c, p.cfg.AuthTimeout, "GET", key))
+	if err == redis.ErrNil {
+		return &handshakeError{401, "unknown_session", "no token is stored for this session"}
+	}
+	if err != nil {
+		return redisHandshakeError(err)
+	}
+	if subtle.ConstantTimeCompare(stored, []byte(token)) != 1 {
+		return &handshakeError{403, "invalid_token", "the token does not match this session"}
+	}
+	if p.cfg.AuthGrace == 0 {
+		// Only one of two racing handshakes deletes the key: the other loses.
+		n, err := redis.Int(redis.DoWithTimeout(c, p.cfg.AuthTimeout, "DEL", key))
+		if err != nil {
+			return redisHandshakeError(err)
+		}
+		if n == 0 {
+			return &handshakeError{401, "unknown_session", "the single-use token was already used"}
+		}
+		return nil
+	}
+	if _, err := redis.DoWithTimeout(c, p.cfg.AuthTimeout, "EXPIRE", key, graceSeconds(p.cfg)); err != nil {
+		return redisHandshakeError(err)
+	}
+	return nil
+}
+
+func redisHandshakeError(err error) *handshakeError {
+	var netErr net.Error
+	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
+		return &handshakeError{504, "auth_timeout", "Redis did not answer the token lookup in time"}
+	}
+	return &handshakeError{503, "redis_unavailable", "Redis is unavailable"}
+}
+
+// verifyJWT accepts an HS256 token (RFC 7519) whose session_id claim is the
+// path's. Only HS256: accepting the header's alg is how "none" attacks work.
+func verifyJWT(token string, secret []byte, sessionID string, now time.Time) *handshakeError {
+	invalid := &handshakeError{403, "invalid_token", "the token is not a valid HS256 JWT for this server"}
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return invalid
+	}
+	var header struct {
+		Alg string `json:"alg"`
+	}
+	if decodeJWTPart(parts[0], &header) != nil || header.Alg != "HS256" {
+		return invalid
+	}
+	mac := hmac.New(sha256.New, secret)
+	mac.Write([]byte(parts[0] + "." + parts[1]))
+	signature, err := base64.RawURLEncoding.DecodeString(parts[2])
+	if err != nil || !hmac.Equal(signature, mac.Sum(nil)) {
+		return invalid
+	}
+	var claims struct {
+		SessionID string   `json:"session_id"`
+		Exp       *float64 `json:"exp"`
+		Nbf       *float64 `json:"nbf"`
+	}
+	if decodeJWTPart(parts[1], &claims) != nil {
+		return invalid
+	}
+	unix := float64(now.UnixNano()) / 1e9
+	switch {
+	case claims.SessionID != sessionID:
+		return &handshakeError{403, "session_mismatch", "the token was issued for another session"}
+	case claims.Exp != nil && unix >= *claims.Exp:
+		return &handshakeError{403, "token_expired", "the token has expired"}
+	case claims.Nbf != nil && unix < *claims.Nbf:
+		return &handshakeError{403, "token_not_yet_valid", "the token is not valid yet"}
+	}
+	return nil
+}
+
+func decodeJWTPart(part string, v any) error {
+	data, err := base64.RawURLEncoding.DecodeString(part)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(data, v)
+}
+
+// refuse answers a failed handshake and counts and logs it. Tokens are never
+// logged: only the code, which says what was wrong.
+func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError) {
+	result := map[int]string{400: "bad_request", 401: "unauthorized", 403: "forbidden", 503: "unavailable", 504: "timeout"}[e.status]
+	if e.code == "draining" || e.code == "too_many_connections" {
+		result = "rejected"
+	}
+	p.metrics.connections[result].Add(1)
+	level := slog.LevelInfo
+	if e.status >= 500 {
+		level = slog.LevelWarn
+	}
+	p.log.Log(r.Context(), level, "connection refused", "status", e.status, "code", e.code,
+		"agent_id", r.PathValue("agent"), "session_id", r.PathValue("session"), "remote", r.RemoteAddr)
+	writeJSON(w, e.status, errorBody(e.code, e.message))
+}
+
+// hijackCapture hands x/net/websocket the connection while keeping the raw
+// socket for conn, which writes its frames straight to it. net/http gives
+// the hijacker a 4 KiB write buffer; only the 101 response goes through it,
+// so a small one saves 4 KiB on every open connection.
+type hijackCapture struct {
+	http.ResponseWriter
+	conn *conn
+}
+
+func (h *hijackCapture) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	netConn, rw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	h.conn.netConn = netConn
+	return netConn, bufio.NewReadWriter(rw.Reader, bufio.NewWriterSize(netConn, 256)), nil
+}
+
+// drain is SPEC §5's shutdown: refuse new connections, let open ones run
+// until they end or SHUTDOWN_GRACE_PERIOD_SECS passes, then close them with
+// 1001 after their queues are written. A second signal closes them at once.
+func (p *proxy) drain(signals <-chan os.Signal) {
+	p.draining.Store(true)
+	deadline := time.Now().Add(p.cfg.ShutdownGrace)
+	p.log.Info("draining", "connections", p.metrics.active.Load(), "deadline", deadline.Format(time.RFC3339Nano))
+	grace := time.NewTimer(p.cfg.ShutdownGrace)
+	defer grace.Stop()
+	progress := time.NewTicker(5 * time.Second)
+	defer progress.Stop()
+	for p.slots.Load() > 0 {
+		select {
+		case <-p.closed:
+		case <-progress.C:
+			p.log.Info("draining", "connections", p.metrics.active.Load(), "remaining", time.Until(deadline).Round(time.Second).String())
+		case <-grace.C:
+			p.log.Info("grace period over: closing connections with 1001", "connections", p.metrics.active.Load())
+			p.closeAll(false)
+			p.awaitClosed(writeWait + closeWait)
+			return
+		case s := <-signals:
+			p.log.Info("second signal: closing connections now", "signal", s.String(), "connections", p.metrics.active.Load())
+			p.closeAll(true)
+			p.awaitClosed(closeWait + time.Second)
+			return
+		}
+	}
+}
+
+func (p *proxy) closeAll(drop bool) {
+	p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", drop) })
+}
+
+func (p *proxy) awaitClosed(limit time.Duration) {
+	give := time.NewTimer(limit)
+	defer give.Stop()
+	for p.slots.Load() > 0 {
+		select {
+		case <-p.closed:
+		case <-give.C:
+			p.log.Warn("connections still open at exit", "connections", p.slots.Load())
+			return
+		}
+	}
+}
+
+// sweepLoop is the one timer of all connections: pings (liveness), and the
+// idle and stream-end timeouts. One goroutine instead of a ticker per
+// connection keeps an idle connection down to its socket and reader.
+func (p *proxy) sweepLoop(ctx context.Context) {
+	period := p.cfg.PingInterval
+	for _, d := range []time.Duration{p.cfg.IdleTimeout, p.cfg.StreamEndTimeout} {
+		if d > 0 && d < period {
+			period = d
+		}
+	}
+	period = min(max(period/10, 10*time.Millisecond), time.Second)
+	ticker := time.NewTicker(period)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-ticker.C:
+			p.hub.eachConn(func(c *conn) { c.sweep(now) })
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// The connection
+
+// WebSocket opcodes (RFC 6455 §5.2).
+const (
+	opContinuation = 0x0
+	opText         = 0x1
+	opBinary       = 0x2
+	opClose        = 0x8
+	opPing         = 0x9
+	opPong         = 0xA
+)
+
+// outFrame is one frame waiting to be written.
+type outFrame struct {
+	op       byte
+	data     []byte // shared by every connection of the session: never modified
+	received int64  // UnixNano when Redis delivered it; 0 for frames wsproxy makes
+}
+
+// conn is one client. Its reader is the HTTP handler's goroutine (readLoop).
+// Its writer (writeLoop) exists only while frames are queued: send starts it,
+// it writes until the queue is empty and returns, so an idle connection costs
+// a socket, a read buffer and one goroutine. At most one writer runs at a
+// time (c.writing), and it alone writes to the socket: data, pings, pongs and
+// the close frame all go through the queue.
+type conn struct {
+	p                  *proxy
+	id                 uint64
+	agentID, sessionID string
+	channel            string // session:{id}:down
+	opened             time.Time
+	ws                 *websocket.Conn
+	netConn            net.Conn
+
+	lastData  atomic.Int64 // UnixNano of the last data message either way
+	streamEnd atomic.Int64 // UnixNano of the last stream_end, 0 after data
+	pingedAt  time.Time    // owned by the sweeper
+	down, up  atomic.Int64 // messages, for the close log
+
+	mu      sync.Mutex
+	queue   []outFrame
+	spare   []outFrame // the writer's last batch, reused to avoid allocating
+	queued  int        // bytes queued or being written, bounded by MAX_BUFFER_SIZE_BYTES
+	started bool       // 101 is written: frames may go out
+	writing bool       // a writeLoop is running
+	closing bool       // a close frame is queued, or the socket is done: no more frames
+	warned  bool       // the 80% warning was logged
+	reason  string     // why the connection closes, for the log
+	writers sync.WaitGroup
+}
+
+// serve runs the open connection on the HTTP handler's goroutine.
+func (c *conn) serve(ws *websocket.Conn) {
+	c.ws = ws
+	m := c.p.metrics
+	m.active.Add(1)
+	m.connections["accepted"].Add(1)
+	c.log(slog.LevelInfo, "connection open", "remote", ws.Request().RemoteAddr)
+	c.mu.Lock()
+	c.started = true
+	c.kick()
+	c.mu.Unlock()
+
+	readErr := c.readLoop()
+
+	c.p.hub.leave(c)
+	c.mu.Lock()
+	if c.reason == "" {
+		c.reason = "read: " + readErr.Error()
+	}
+	clientClosed := c.closing && errors.Is(readErr, errClientClosed)
+	c.closing = true
+	c.mu.Unlock()
+	if !clientClosed { // nothing more to say: unblock a writer stuck on a dead peer
+		c.netConn.Close()
+	}
+	c.writers.Wait()
+	m.active.Add(-1)
+	if c.p.cfg.AuthMode == "redis" && c.p.cfg.AuthGrace > 0 {
+		c.p.refreshToken(c.sessionID) // the grace period counts from the disconnect
+	}
+	c.log(slog.LevelInfo, "connection closed", "reason", c.reason, "duration", time.Since(c.opened).Round(time.Millisecond).String(),
+		"messages_down", c.down.Load(), "messages_up", c.up.Load())
+}
+
+var (
+	errClientClosed     = errors.New("client sent a close frame")
+	errProtocol         = errors.New("protocol error")
+	errSubscribeTimeout = errors.New("subscribe timeout")
+	errRedisUnavailable = errors.New("redis unavailable")
+)
+
+// readLoop reads frames until the connection ends. x/net/websocket's Receive
+// returns single frames and hides pongs and close codes, so it reads frames
+// itself: it reassembles fragmented messages (browsers split those over
+// about 128 KiB) and applies MAX_MESSAGE_SIZE_BYTES to the whole message.
+func (c *conn) readLoop() error {
+	cfg := c.p.cfg
+	var message []byte
+	var messageOp byte // opcode of the message being assembled; 0 = none
+	tooLarge := false
+	var header [14]byte
+	for {
+		// Liveness: anything read, even a pong, proves the peer is there.
+		c.ws.SetReadDeadline(time.Now().Add(cfg.PingInterval + cfg.PingTimeout))
+		frame, err := c.ws.NewFrameReader()
+		if err != nil {
+			return err
+		}
+		n, _ := io.ReadFull(frame.HeaderReader(), header[:])
+		fin, rsv, masked := header[0]&0x80 != 0, header[0]&0x70 != 0, header[1]&0x80 != 0
+		size := int64(frame.Len() - n)
+		op := frame.PayloadType()
+		if !masked || rsv || size < 0 || (op >= opClose && (!fin || size > 125)) {
+			// RFC 6455 §5.1: clients mask; no extension was negotiated;
+			// control frames are short and whole.
+			c.closeWith(1002, "protocol error", true)
+			return errProtocol
+		}
+		switch op {
+		case opPing, opPong, opClose:
+			payload := make([]byte, size)
+			if _, err := io.ReadFull(frame, payload); err != nil {
+				return err
+			}
+			switch op {
+			case opPing:
+				c.send(outFrame{op: opPong, data: payload})
+			case opClose:
+				code := 1000 // echo the client's code (§5.5.1); none given means normal
+				if len(payload) >= 2 {
+					code = int(binary.BigEndian.Uint16(payload))
+				}
+				c.closeWith(code, "", false)
+				c.mu.Lock()
+				if c.reason == "" {
+					c.reason = "client closed with " + strconv.Itoa(code)
+				}
+				c.mu.Unlock()
+				return errClientClosed
+			}
+			continue
+		case opText, opBinary:
+			if messageOp != 0 {
+				c.closeWith(1002, "protocol error", true)
+				return errProtocol
+			}
+			messageOp, message, tooLarge = op, message[:0], false
+		case opContinuation:
+			if messageOp == 0 {
+				c.closeWith(1002, "protocol error", true)
+				return errProtocol
+			}
+		default:
+			c.closeWith(1002, "protocol error", true)
+			return errProtocol
+		}
+		if tooLarge || int64(len(message))+size > int64(cfg.MaxMessageSize) {
+			tooLarge = true
+			if _, err := io.Copy(io.Discard, frame); err != nil {
+				return err
+			}
+		} else {
+			start := len(message)
+			message = append(message, make([]byte, size)...)
+			if _, err := io.ReadFull(frame, message[start:]); err != nil {
+				return err
+			}
+		}
+		if !fin {
+			continue
+		}
+		c.handleMessage(messageOp, message, tooLarge)
+		messageOp = 0
+		if cap(message) > 64<<10 { // do not hold a large buffer on an idle connection
+			message = nil
+		}
+	}
+}
+
+// handleMessage publishes one whole client message upstream, or answers it
+// with a control error; the connection stays open either way.
+func (c *conn) handleMessage(op byte, message []byte, tooLarge bool) {
+	cfg, m := c.p.cfg, c.p.metrics
+	switch {
+	case !cfg.UpstreamEnabled:
+		c.sendError("upstream_disabled", "this server does not forward client messages")
+	case tooLarge:
+		c.sendError("message_too_large", "messages are limited to "+strconv.Itoa(cfg.MaxMessageSize)+" bytes")
+	case op == opBinary:
+		c.sendError("binary_not_supported", "send JSON in text frames")
+	case !json.Valid(message) || !utf8.Valid(message):
+		c.sendError("invalid_json", "messages must be valid JSON")
+	default:
+		if err := c.p.publish("session:"+c.sessionID+":up", message); err != nil {
+			c.log(slog.LevelWarn, "publish failed", "err", err)
+			c.sendError("publish_failed", "the message could not be delivered to Redis")
+			return
+		}
+		m.messagesUp.Add(1)
+		m.bytesUp.Add(int64(len(message)))
+		c.up.Add(1)
+		c.lastData.Store(time.Now().UnixNano())
+		c.streamEnd.Store(0)
+	}
+}
+
+func (c *conn) sendError(code, message string) {
+	c.p.metrics.clientErrors[code].Add(1)
+	data, _ := json.Marshal(map[string]string{"type": "control", "command": "error", "code": code, "message": message})
+	c.send(outFrame{op: opText, data: data})
+}
+
+// send queues a frame for the writer. It never blocks, because the Redis
+// reader calls it: a connection whose queue would pass MAX_BUFFER_SIZE_BYTES
+// is closed with 1008 instead of being waited for.
+func (c *conn) send(f outFrame) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return
+	}
+	limit := c.p.cfg.MaxBufferSize
+	if c.queued+len(f.data) > limit {
+		c.p.metrics.slowCloses.Add(1)
+		c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit)
+		c.closeLocked(1008, "client too slow", true)
+		return
+	}
+	c.queue = append(c.queue, f)
+	c.queued += len(f.data)
+	if !c.warned && c.queued > limit/5*4 {
+		c.warned = true
+		c.log(slog.LevelWarn, "client is falling behind", "queued_bytes", c.queued, "limit", limit)
+	}
+	c.kick()
+}
+
+// closeWith queues a close frame after what is queued, or instead of it when
+// drop is set. Nothing is queued after it.
+func (c *conn) closeWith(code int, reason string, drop bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closeLocked(code, reason, drop)
+}
+
+func (c *conn) closeLocked(code int, reason string, drop bool) {
+	if c.closing {
+		return
+	}
+	c.closing = true
+	if c.reason == "" {
+		c.reason = reason
+	}
+	if drop {
+		for i := range c.queue {
+			c.queued -= len(c.queue[i].data)
+		}
+		clear(c.queue)
+		c.queue = c.queue[:0]
+	}
+	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
+	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)})
+	c.kick()
+}
+
+// kick starts the writer if there is work and none is running. c.mu is held.
+func (c *conn) kick() {
+	if c.started && !c.writing && len(c.queue) > 0 {
+		c.writing = true
+		c.writers.Add(1)
+		go c.writeLoop() // ends when the queue is empty; serve waits for it
+	}
+}
+
+// writeLoop writes what is queued, a batch at a time: every frame of a batch
+// goes out in one system call (writev). x/net/websocket flushes each frame
+// separately, so frames are encoded here (RFC 6455 §5.2; a server does not
+// mask) and written to the raw socket.
+func (c *conn) writeLoop() {
+	defer c.writers.Done()
+	buf := batchPool.Get().(*frameBatch)
+	defer batchPool.Put(buf)
+	m := c.p.metrics
+	for {
+		c.mu.Lock()
+		batch := c.queue
+		if len(batch) == 0 {
+			c.writing = false
+			c.mu.Unlock()
+			return
+		}
+		c.queue = c.spare[:0]
+		c.mu.Unlock()
+
+		closing, written := buf.encode(batch)
+		c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
+		_, err := buf.iov.WriteTo(c.netConn)
+		now := time.Now().UnixNano()
+		data := 0
+		for i := range batch {
+			if batch[i].received != 0 {
+				data++
+				m.latency.observe(now - batch[i].received)
+			}
+		}
+		m.messagesDown.Add(int64(data))
+		m.bytesDown.Add(int64(written))
+		c.down.Add(int64(data))
+		clear(batch)
+
+		c.mu.Lock()
+		c.queued -= written
+		if cap(batch) <= 256 {
+			c.spare = batch
+		}
+		if err != nil || closing {
+			c.closing = true
+			if err != nil && c.reason == "" {
+				c.reason = "write: " + err.Error()
+			}
+			c.writing = false
+			c.mu.Unlock()
+			if err != nil {
+				c.netConn.Close()
+			} else if tcp, ok := c.netConn.(*net.TCPConn); ok {
+				// Half-close and give the client closeWait to answer our
+				// close frame; the reader sees its close frame or EOF.
+				tcp.CloseWrite()
+				c.netConn.SetReadDeadline(time.Now().Add(closeWait))
+			}
+			return
+		}
+		c.mu.Unlock()
+	}
+}
+
+// frameBatch is the writer's scratch space, pooled so that a transient writer
+// allocates nothing per batch.
+type frameBatch struct {
+	headers []byte
+	vecs    net.Buffers
+	iov     net.Buffers // vecs, consumed by WriteTo
+}
+
+var batchPool = sync.Pool{New: func() any { return new(frameBatch) }}
+
+// encode lays out the frames of batch up to and including a close frame. It
+// returns whether a close frame is among them and the payload bytes.
+func (b *frameBatch) encode(batch []outFrame) (closing bool, payload int) {
+	const maxHeader = 10
+	if cap(b.headers) < maxHeader*len(batch) {
+		b.headers = make([]byte, 0, maxHeader*len(batch))
+	}
+	headers, vecs := b.headers[:0], b.vecs[:0]
+	for _, f := range batch {
+		start := len(headers)
+		headers = appendFrameHeader(headers, f.op, len(f.data))
+		vecs = append(vecs, headers[start:], f.data)
+		payload += len(f.data)
+		if f.op == opClose {
+			closing = true
+			break
+		}
+	}
+	b.headers, b.vecs, b.iov = headers, vecs, vecs
+	return closing, payload
+}
+
+func appendFrameHeader(b []byte, op byte, n int) []byte {
+	b = append(b, 0x80|op) // FIN: wsproxy never fragments
+	switch {
+	case n <= 125:
+		return append(b, byte(n))
+	case n <= 0xFFFF:
+		return append(b, 126, byte(n>>8), byte(n))
+	default:
+		return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+	}
+}
+
+// sweep is called by the sweeper for every connection: ping when due, and
+// close after the idle or stream-end timeout.
+func (c *conn) sweep(now time.Time) {
+	cfg := c.p.cfg
+	if now.Sub(c.pingedAt) >= cfg.PingInterval {
+		c.pingedAt = now
+		c.send(outFrame{op: opPing})
+	}
+	if cfg.IdleTimeout > 0 && now.UnixNano()-c.lastData.Load() >= int64(cfg.IdleTimeout) {
+		c.closeWith(1000, "idle timeout", false)
+	}
+	if at := c.streamEnd.Load(); cfg.StreamEndTimeout > 0 && at != 0 && now.UnixNano()-at >= int64(cfg.StreamEndTimeout) {
+		c.closeWith(1000, "stream ended", false)
+	}
+}
+
+func (c *conn) log(level slog.Level, msg string, args ...any) {
+	c.p.log.Log(context.Background(), level, msg,
+		append([]any{"conn", c.id, "session_id", c.sessionID, "agent_id", c.agentID}, args...)...)
+}
+
+// refreshToken restarts the auth key's grace period when a client leaves.
+// EXPIRE on a key a worker deleted does nothing, so a revoked token stays so.
+func (p *proxy) refreshToken(sessionID string) {
+	c := p.pool.Get()
+	defer c.Close()
+	if _, err := c.Do("EXPIRE", "session:"+sessionID+":auth", graceSeconds(p.cfg)); err != nil {
+		p.log.Warn("could not refresh the token's grace period", "session_id", sessionID, "err", err)
+	}
+}
+
+func (p *proxy) publish(channel string, message []byte) error {
+	c := p.pool.Get()
+	defer c.Close()
+	_, err := c.Do("PUBLISH", channel, message)
+	return err
+}
+
+// ---------------------------------------------------------------------------
+// The hub: one Redis subscriber for every session
+
+// hub owns the shared PubSubConn. SUBSCRIBE confirmations come back in the
+// order the commands were sent, so each channel has a FIFO of waiters: a
+// confirmation releases the oldest waiter of its channel, which is the
+// handshake whose SUBSCRIBE it answers, never a later one. Every handshake
+// sends its own SUBSCRIBE, even when the channel is subscribed already: that
+// costs one small command and makes it correct when the previous
+// connection's UNSUBSCRIBE is still in flight (Redis answers in order, so
+// the channel ends up subscribed).
+type hub struct {
+	cfg     *config
+	log     *slog.Logger
+	metrics *metrics
+
+	mu       sync.Mutex
+	psc      *redis.PubSubConn         // nil while Redis is unreachable
+	channels map[string][]*conn        // connections by channel, handshakes included
+	waiting  map[string][]chan<- error // SUBSCRIBEs sent, oldest first; nil = resubscription
+}
+
+func newHub(cfg *config, log *slog.Logger, m *metrics) *hub {
+	return &hub{cfg: cfg, log: log, metrics: m, channels: map[string][]*conn{}, waiting: map[string][]chan<- error{}}
+}
+
+func (h *hub) connected() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.psc != nil
+}
+
+// subscribe registers c and sends its SUBSCRIBE. The returned channel
+// receives nil when Redis confirms it, or an error if the connection is lost.
+func (h *hub) subscribe(c *conn) (<-chan error, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.psc == nil {
+		return nil, errRedisUnavailable
+	}
+	if err := h.psc.Subscribe(c.channel); err != nil {
+		h.psc.Close() // the receiver fails too, and run reconnects
+		return nil, err
+	}
+	conns := h.channels[c.channel]
+	if conns == nil {
+		h.metrics.subscribedChannels.Add(1)
+	}
+	h.channels[c.channel] = append(conns, c)
+	done := make(chan error, 1)
+	h.waiting[c.channel] = append(h.waiting[c.channel], done)
+	return done, nil
+}
+
+// leave forgets c, and unsubscribes when it was the channel's last connection.
+func (h *hub) leave(c *conn) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	conns := h.channels[c.channel]
+	for i := range conns {
+		if conns[i] == c {
+			conns[i] = conns[len(conns)-1]
+			conns[len(conns)-1] = nil
+			conns = conns[:len(conns)-1]
+			break
+		}
+	}
+	if len(conns) > 0 {
+		h.channels[c.channel] = conns
+		return
+	}
+	delete(h.channels, c.channel)
+	h.metrics.subscribedChannels.Add(-1)
+	if h.psc != nil {
+		if err := h.psc.Unsubscribe(c.channel); err != nil {
+			h.psc.Close()
+		}
+	}
+}
+
+func (h *hub) eachConn(f func(*conn)) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, conns := range h.channels {
+		for _, c := range conns {
+			f(c)
+		}
+	}
+}
+
+// run keeps the subscriber connected until ctx ends, reconnecting with
+// capped, jittered exponential backoff.
+func (h *hub) run(ctx context.Context) {
+	backoff := reconnectMin
+	for attempt := 0; ctx.Err() == nil; attempt++ {
+		began := time.Now()
+		err := h.subscriber(ctx, attempt > 0)
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(began) > reconnectMax {
+			backoff = reconnectMin // it was up for a while: a fresh failure
+		}
+		wait := backoff/2 + rand.N(backoff/2+1)
+		h.log.Warn("redis subscriber unavailable; retrying", "err", err, "retry_in", wait.Round(time.Millisecond).String())
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		backoff = min(backoff*2, reconnectMax)
+	}
+}
+
+// subscriber is one connected period of the shared PubSubConn: it
+// resubscribes every channel that has connections, then pings it and waits
+// for the receiver to fail (redigo's pub/sub example shape).
+func (h *hub) subscriber(ctx context.Context, reconnect bool) error {
+	dialCtx, cancel := context.WithTimeout(ctx, redisCommandTimeout)
+	rc, err := dialRedis(dialCtx, h.cfg)
+	cancel()
+	if err != nil {
+		return err
+	}
+	psc := &redis.PubSubConn{Conn: rc}
+	h.mu.Lock()
+	for channel := range h.channels {
+		psc.Conn.Send("SUBSCRIBE", channel)
+		h.waiting[channel] = append(h.waiting[channel], nil)
+	}
+	if err := psc.Conn.Flush(); err != nil {
+		h.waiting = map[string][]chan<- error{}
+		h.mu.Unlock()
+		psc.Close()
+		return err
+	}
+	h.psc = psc
+	resubscribed := len(h.channels)
+	h.mu.Unlock()
+	h.metrics.redisConnected.Store(1)
+	if reconnect {
+		h.metrics.redisReconnects.Add(1)
+	}
+	h.log.Info("redis subscriber connected", "resubscribed_channels", resubscribed)
+
+	received := make(chan error, 1)
+	go h.receive(psc, received) // ends when psc fails or is closed
+	ping := time.NewTicker(redisPingPeriod)
+	defer ping.Stop()
+	for {
+		select {
+		case err = <-received:
+		case <-ping.C:
+			h.mu.Lock()
+			if err := psc.Ping(""); err != nil {
+				psc.Close()
+			}
+			h.mu.Unlock()
+			continue
+		case <-ctx.Done():
+			h.mu.Lock()
+			psc.Unsubscribe()
+			h.mu.Unlock()
+			psc.Close()
+			err = <-received
+		}
+		break
+	}
+	h.mu.Lock()
+	h.psc = nil
+	for _, waiters := range h.waiting { // their handshakes answer 503 now
+		for _, w := range waiters {
+			if w != nil {
+				w <- errRedisUnavailable
+			}
+		}
+	}
+	h.waiting = map[string][]chan<- error{}
+	h.mu.Unlock()
+	psc.Close()
+	h.metrics.redisConnected.Store(0)
+	h.log.Warn("redis subscriber lost", "err", err)
+	return err
+}
+
+// receive reads the shared subscription. It never waits for a client:
+// dispatch only queues.
+func (h *hub) receive(psc *redis.PubSubConn, done chan<- error) {
+	for {
+		switch v := psc.ReceiveWithTimeout(redisReadTimeout).(type) {
+		case redis.Message:
+			h.dispatch(v.Channel, v.Data)
+		case redis.Subscription:
+			if v.Kind == "subscribe" {
+				h.confirm(v.Channel)
+			}
+		case error:
+			done <- v
+			return
+		}
+	}
+}
+
+// dispatch queues one message for every connection of its session.
+func (h *hub) dispatch(channel string, data []byte) {
+	f := outFrame{op: opText, data: data, received: time.Now().UnixNano()}
+	if !utf8.Valid(data) {
+		f.op = opBinary
+	}
+	streamEnd := isStreamEnd(data)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, c := range h.channels[channel] {
+		if streamEnd {
+			c.streamEnd.Store(f.received)
+		} else {
+			c.lastData.Store(f.received)
+			c.streamEnd.Store(0)
+		}
+		c.send(f)
+	}
+}
+
+// confirm releases the handshake whose SUBSCRIBE Redis has just confirmed.
+// A resubscription after a reconnect has no handshake: its open connections
+// learn that messages published during the outage were lost.
+func (h *hub) confirm(channel string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	waiters := h.waiting[channel]
+	if len(waiters) == 0 {
+		return
+	}
+	if len(waiters) == 1 {
+		delete(h.waiting, channel)
+	} else {
+		h.waiting[channel] = waiters[1:]
+	}
+	if waiters[0] != nil {
+		waiters[0] <- nil
+		return
+	}
+	for _, c := range h.channels[channel] {
+		c.mu.Lock()
+		open := c.started
+		c.mu.Unlock()
+		if open {
+			c.sendError("redis_reconnected", "the connection to Redis was lost and restored; messages published meanwhile were not delivered")
+		}
+	}
+}
+
+// isStreamEnd reports whether a worker's message is the stream_end control
+// message. The cheap test comes first: most messages are not.
+func isStreamEnd(data []byte) bool {
+	if !bytes.Contains(data, []byte("stream_end")) {
+		return false
+	}
+	var m struct{ Type, Command string }
+	return json.Unmarshal(data, &m) == nil && m.Type == "control" && m.Command == "stream_end"
+}
+
+func dialRedis(ctx context.Context, cfg *config) (redis.Conn, error) {
+	return redis.DialURLContext(ctx, cfg.RedisURL,
+		redis.DialConnectTimeout(redisCommandTimeout),
+		redis.DialReadTimeout(redisCommandTimeout),
+		redis.DialWriteTimeout(redisCommandTimeout))
+}
+
+// ---------------------------------------------------------------------------
+// Metrics, in the Prometheus text format
+
+type metrics struct {
+	active             atomic.Int64
+	connections        map[string]*atomic.Int64 // by result; keys fixed at start
+	clientErrors       map[string]*atomic.Int64 // by code; keys fixed at start
+	messagesDown       atomic.Int64
+	messagesUp         atomic.Int64
+	bytesDown          atomic.Int64
+	bytesUp            atomic.Int64
+	slowCloses         atomic.Int64
+	redisConnected     atomic.Int64
+	redisReconnects    atomic.Int64
+	subscribedChannels atomic.Int64
+	latency            histogram
+}
+
+func newMetrics() *metrics {
+	m := &metrics{connections: map[string]*atomic.Int64{}, clientErrors: map[string]*atomic.Int64{}}
+	for _, r := range []string{"accepted", "bad_request", "unauthorized", "forbidden", "unavailable", "timeout", "rejected"} {
+		m.connections[r] = new(atomic.Int64)
+	}
+	for _, c := range []string{"invalid_json", "message_too_large", "binary_not_supported", "publish_failed", "upstream_disabled", "redis_reconnected"} {
+		m.clientErrors[c] = new(atomic.Int64)
+	}
+	m.latency.bounds = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5}
+	m.latency.counts = make([]atomic.Int64, len(m.latency.bounds)+1)
+	return m
+}
+
+// histogram counts observations per bucket (not cumulative; the exposition
+// adds them up).
+type histogram struct {
+	bounds []float64 // seconds
+	counts []atomic.Int64
+	sum    atomic.Int64 // nanoseconds
+}
+
+func (h *histogram) observe(nanos int64) {
+	seconds := float64(nanos) / 1e9
+	i := sort.SearchFloat64s(h.bounds, seconds)
+	h.counts[i].Add(1)
+	h.sum.Add(nanos)
+}
+
+func (m *metrics) handle(w http.ResponseWriter, r *http.Request) {
+	var b strings.Builder
+	metric := func(name, kind, help string) { fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind) }
+	labelled := func(name, label string, values map[string]*atomic.Int64) {
+		keys := make([]string, 0, len(values))
+		for k := range values {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			fmt.Fprintf(&b, "%s{%s=%q} %d\n", name, label, k, values[k].Load())
+		}
+	}
+	metric("wsproxy_active_connections", "gauge", "Open WebSocket connections.")
+	fmt.Fprintf(&b, "wsproxy_active_connections %d\n", m.active.Load())
+	metric("wsproxy_connections_total", "counter", "WebSocket handshakes by result.")
+	labelled("wsproxy_connections_total", "result", m.connections)
+	metric("wsproxy_messages_total", "counter", "Messages forwarded; down counts each delivery to a connection.")
+	fmt.Fprintf(&b, "wsproxy_messages_total{direction=\"down\"} %d\nwsproxy_messages_total{direction=\"up\"} %d\n", m.messagesDown.Load(), m.messagesUp.Load())
+	metric("wsproxy_bytes_total", "counter", "Payload bytes forwarded.")
+	fmt.Fprintf(&b, "wsproxy_bytes_total{direction=\"down\"} %d\nwsproxy_bytes_total{direction=\"up\"} %d\n", m.bytesDown.Load(), m.bytesUp.Load())
+	metric("wsproxy_client_errors_total", "counter", "Control errors sent to clients, by code.")
+	labelled("wsproxy_client_errors_total", "code", m.clientErrors)
+	metric("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008 because their queue was full.")
+	fmt.Fprintf(&b, "wsproxy_slow_client_closes_total %d\n", m.slowCloses.Load())
+	metric("wsproxy_redis_connected", "gauge", "1 while the shared subscriber is connected.")
+	fmt.Fprintf(&b, "wsproxy_redis_connected %d\n", m.redisConnected.Load())
+	metric("wsproxy_redis_reconnects_total", "counter", "Times the shared subscriber reconnected after a loss.")
+	fmt.Fprintf(&b, "wsproxy_redis_reconnects_total %d\n", m.redisReconnects.Load())
+	metric("wsproxy_subscribed_channels", "gauge", "Redis channels subscribed.")
+	fmt.Fprintf(&b, "wsproxy_subscribed_channels %d\n", m.subscribedChannels.Load())
+	metric("wsproxy_delivery_latency_seconds", "histogram", "From receipt from Redis to the frame written to the client.")
+	var cumulative int64
+	for i, bound := range m.latency.bounds {
+		cumulative += m.latency.counts[i].Load()
+		fmt.Fprintf(&b, "wsproxy_delivery_latency_seconds_bucket{le=\"%g\"} %d\n", bound, cumulative)
+	}
+	cumulative += m.latency.counts[len(m.latency.bounds)].Load()
+	fmt.Fprintf(&b, "wsproxy_delivery_latency_seconds_bucket{le=\"+Inf\"} %d\n", cumulative)
+	fmt.Fprintf(&b, "wsproxy_delivery_latency_seconds_sum %g\nwsproxy_delivery_latency_seconds_count %d\n", float64(m.latency.sum.Load())/1e9, cumulative)
+
+	var mem runtime.MemStats
+	runtime.ReadMemStats(&mem)
+	metric("go_goroutines", "gauge", "Goroutines that currently exist.")
+	fmt.Fprintf(&b, "go_goroutines %d\n", runtime.NumGoroutine())
+	metric("go_memstats_heap_inuse_bytes", "gauge", "Bytes in in-use heap spans.")
+	fmt.Fprintf(&b, "go_memstats_heap_inuse_bytes %d\n", mem.HeapInuse)
+	metric("go_memstats_stack_inuse_bytes", "gauge", "Bytes in stack spans.")
+	fmt.Fprintf(&b, "go_memstats_stack_inuse_bytes %d\n", mem.StackInuse)
+	if rss, cpu, ok := processStats(); ok {
+		metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+		fmt.Fprintf(&b, "process_resident_memory_bytes %d\n", rss)
+		metric("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.")
+		fmt.Fprintf(&b, "process_cpu_seconds_total %g\n", cpu)
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	io.WriteString(w, b.String())
+}
+
+// processStats reads RSS and CPU time from /proc (Linux; elsewhere ok is false).
+func processStats() (rss int64, cpuSeconds float64, ok bool) {
+	stat, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return 0, 0, false
+	}
+	// Fields after the command name, which is in parentheses and may hold spaces.
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	if len(fields) < 22 {
+		return 0, 0, false
+	}
+	utime, _ := strconv.ParseFloat(fields[11], 64)
+	stime, _ := strconv.ParseFloat(fields[12], 64)
+	pages, _ := strconv.ParseInt(fields[21], 10, 64)
+	const clockTicks = 100 // USER_HZ, 100 on every Linux architecture Go supports
+	return pages * int64(os.Getpagesize()), (utime + stime) / clockTicks, true
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+// validID: 1-128 characters of [A-Za-z0-9._~-] (SPEC §1).
+func validID(s string) bool {
+	if len(s) == 0 || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		b := s[i]
+		if !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '.' || b == '_' || b == '~' || b == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// headerHasToken reports whether a comma-separated header lists token,
+// ignoring case ("Connection: keep-alive, Upgrade" from Firefox).
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+func graceSeconds(cfg *config) int64 {
+	return int64(math.Ceil(cfg.AuthGrace.Seconds()))
+}
+
+func getOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			writeJSON(w, http.StatusMethodNotAllowed, errorBody("method_not_allowed", "use GET"))
+			return
+		}
+		h(w, r)
+	}
+}
+
+func errorBody(code, message string) map[string]string {
+	return map[string]string{"error": code, "message": message}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	body, _ := json.Marshal(v)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
+	w.WriteHeader(status)
+	w.Write(append(body, '\n'))
+}
+
+// redacted is the configuration as logged at start-up: no secrets.
+func (c *config) redacted() map[string]any {
+	redisURL := c.RedisURL
+	if u, err := url.Parse(c.RedisURL); err == nil && u.User != nil {
+		u.User = url.UserPassword(u.User.Username(), "REDACTED")
+		redisURL = u.String()
+	}
+	secret := ""
+	if c.JWTSecret != "" {
+		secret = "REDACTED"
+	}
+	return map[string]any{"host": c.Host, "port": c.Port, "redis_url": redisURL, "auth_mode": c.AuthMode, "jwt_secret": secret,
+		"ws_ping_interval": c.PingInterval.String(), "ws_ping_timeout": c.PingTimeout.String(),
+		"shutdown_grace_period": c.ShutdownGrace.String(), "auth_timeout": c.AuthTimeout.String(),
+		"auth_grace_period": c.AuthGrace.String(), "subscribe_timeout": c.SubscribeTimeout.String(),
+		"max_connections": c.MaxConnections, "max_message_size_bytes": c.MaxMessageSize, "max_buffer_size_bytes": c.MaxBufferSize,
+		"idle_timeout": c.IdleTimeout.String(), "stream_end_timeout": c.StreamEndTimeout.String(),
+		"upstream_enabled": c.UpstreamEnabled, "allowed_origins": c.AllowedOrigins,
+		"log_level": c.LogLevel.String(), "log_format": c.LogFormat}
+}
