@@ -240,7 +240,7 @@ func main() {
 	}
 	signals := make(chan os.Signal, 2)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
-	if err := run(cfg, log, ln, signals); err != nil {
+	if err := newProxy(cfg, log).run(ln, signals); err != nil {
 		log.Error("server failed", "err", err)
 		os.Exit(1)
 	}
@@ -255,8 +255,8 @@ func newLogger(cfg *config, w io.Writer) *slog.Logger {
 }
 
 // run serves on ln until a signal arrives, then drains (SPEC §5) and returns.
-func run(cfg *config, log *slog.Logger, ln net.Listener, signals <-chan os.Signal) error {
-	p := newProxy(cfg, log)
+func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
+	cfg, log := p.cfg, p.log
 	log.Info("starting", "addr", ln.Addr().String(), "config", cfg.redacted())
 	if cfg.AuthMode == "none" {
 		log.Warn("AUTH_MODE=none: every client is accepted without a token; use it for local development only")
@@ -740,10 +740,10 @@ func (c *conn) serve(ws *websocket.Conn) {
 	if c.reason == "" {
 		c.reason = "read: " + readErr.Error()
 	}
-	clientClosed := c.closing && errors.Is(readErr, errClientClosed)
+	closeQueued := c.closing // let the writer deliver it; writeWait bounds that
 	c.closing = true
 	c.mu.Unlock()
-	if !clientClosed { // nothing more to say: unblock a writer stuck on a dead peer
+	if !closeQueued { // nothing more to say: unblock a writer stuck on a dead peer
 		c.netConn.Close()
 	}
 	c.writers.Wait()

@@ -1,0 +1,1298 @@
+package main
+
+// Tests run the proxy in-process on a real socket, and talk to it with a
+// small WebSocket client of their own (so they can send fragments, withhold
+// pongs and read close codes). Redis is the fake below, which speaks RESP
+// over TCP and misbehaves on demand; set WSPROXY_TEST_REDIS_URL to run the
+// tests that do not need misbehaviour against a real Redis instead.
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gomodule/redigo/redis"
+)
+
+// ---------------------------------------------------------------------------
+// Harness
+
+// testRedis is the Redis a test talks to: the fake, or a real one.
+type testRedis struct {
+	url  string
+	fake *fakeRedis // nil for a real Redis
+}
+
+// newTestRedis returns the real Redis of WSPROXY_TEST_REDIS_URL if set, else
+// a fake. Tests that need the fake to misbehave call newFakeRedis instead.
+func newTestRedis(t testing.TB) *testRedis {
+	if u := os.Getenv("WSPROXY_TEST_REDIS_URL"); u != "" {
+		return &testRedis{url: u}
+	}
+	f := newFakeRedis(t)
+	return &testRedis{url: f.URL(), fake: f}
+}
+
+func fakeTarget(t testing.TB) (*testRedis, *fakeRedis) {
+	f := newFakeRedis(t)
+	return &testRedis{url: f.URL(), fake: f}, f
+}
+
+func (r *testRedis) do(t testing.TB, cmd string, args ...any) any {
+	t.Helper()
+	c, err := redis.DialURL(r.url)
+	if err != nil {
+		t.Fatalf("dial redis: %v", err)
+	}
+	defer c.Close()
+	v, err := c.Do(cmd, args...)
+	if err != nil {
+		t.Fatalf("redis %s: %v", cmd, err)
+	}
+	return v
+}
+
+// subscribers is how many clients are subscribed to channel (-1: unknown).
+func (r *testRedis) subscribers(channel string) int {
+	if r.fake != nil {
+		return r.fake.Subscribers(channel)
+	}
+	return countSubscribers(r.url, channel)
+}
+
+// countSubscribers is numSub for goroutines other than the test's.
+func countSubscribers(url, channel string) int {
+	c, err := redis.DialURL(url)
+	if err != nil {
+		return -1
+	}
+	defer c.Close()
+	v, err := redis.Values(c.Do("PUBSUB", "NUMSUB", channel))
+	if err != nil || len(v) != 2 {
+		return -1
+	}
+	n, _ := redis.Int(v[1], nil)
+	return n
+}
+
+// waitNumSub waits until channel has n subscribers.
+func (r *testRedis) waitNumSub(t testing.TB, channel string, n int) {
+	t.Helper()
+	eventually(t, fmt.Sprintf("%d subscribers on %s", n, channel), func() bool { return r.subscribers(channel) == n })
+}
+
+// session stores a token for a new session id and returns both.
+func (r *testRedis) session(t testing.TB) (id, token string) {
+	id, token = randomID(), randomID()
+	r.do(t, "SET", "session:"+id+":auth", token, "EX", 600)
+	return id, token
+}
+
+// subscribeUp listens on a session's up channel; messages arrive on the result.
+func (r *testRedis) subscribeUp(t testing.TB, sessionID string) <-chan []byte {
+	t.Helper()
+	c, err := redis.DialURL(r.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	psc := redis.PubSubConn{Conn: c}
+	if err := psc.Subscribe("session:" + sessionID + ":up"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := psc.Receive().(redis.Subscription); !ok {
+		t.Fatal("no subscription confirmation")
+	}
+	out := make(chan []byte, 100)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			switch v := psc.Receive().(type) {
+			case redis.Message:
+				out <- v.Data
+			case error:
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { c.Close(); <-done })
+	return out
+}
+
+func (r *testRedis) publish(t testing.TB, sessionID string, message string) int {
+	t.Helper()
+	n, _ := redis.Int(r.do(t, "PUBLISH", "session:"+sessionID+":down", message), nil)
+	return n
+}
+
+// testProxy is a proxy running in-process with run(), as main runs it.
+type testProxy struct {
+	addr    string
+	cfg     *config
+	p       *proxy
+	logs    *syncBuffer
+	signals chan os.Signal
+	done    chan error
+}
+
+// startProxy runs a proxy on 127.0.0.1 against redis with env overriding
+// test defaults. It is drained and stopped at the end of the test.
+func startProxy(t testing.TB, r *testRedis, env ...string) *testProxy {
+	t.Helper()
+	vars := map[string]string{"REDIS_URL": r.url, "LOG_LEVEL": "debug", "SHUTDOWN_GRACE_PERIOD_SECS": "0"}
+	for _, kv := range env {
+		k, v, _ := strings.Cut(kv, "=")
+		vars[k] = v
+	}
+	cfg, err := loadConfig(func(k string) string { return vars[k] })
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := &testProxy{addr: ln.Addr().String(), cfg: cfg, logs: &syncBuffer{}, signals: make(chan os.Signal, 2), done: make(chan error, 1)}
+	tp.p = newProxy(cfg, newLogger(cfg, tp.logs))
+	go func() { tp.done <- tp.p.run(ln, tp.signals) }()
+	t.Cleanup(func() {
+		tp.stop(t)
+		if t.Failed() {
+			t.Logf("proxy logs:\n%s", tp.logs.String())
+		}
+	})
+	if r.url != "redis://127.0.0.1:1" {
+		eventually(t, "proxy ready", func() bool { return tp.p.hub.connected() })
+	}
+	return tp
+}
+
+// stop sends the proxy a signal and waits for run to return.
+func (tp *testProxy) stop(t testing.TB) {
+	select {
+	case tp.signals <- os.Interrupt:
+	default:
+	}
+	select {
+	case err := <-tp.done:
+		if err != nil {
+			t.Errorf("run: %v", err)
+		}
+		tp.done <- err // stop may be called twice
+	case <-time.After(20 * time.Second):
+		t.Errorf("proxy did not stop")
+	}
+}
+
+func (tp *testProxy) url(path string) string { return "http://" + tp.addr + path }
+
+func (tp *testProxy) get(t testing.TB, path string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(tp.url(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// metric returns the value of one exposition line, e.g.
+// `wsproxy_messages_total{direction="up"}`.
+func (tp *testProxy) metric(t testing.TB, series string) float64 {
+	t.Helper()
+	_, body := tp.get(t, "/metrics")
+	for _, line := range strings.Split(body, "\n") {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			var v float64
+			fmt.Sscan(rest, &v)
+			return v
+		}
+	}
+	t.Fatalf("metric %s not found in:\n%s", series, body)
+	return 0
+}
+
+// connect opens a WebSocket for a session with its token in the header and
+// fails the test unless it gets 101.
+func (tp *testProxy) connect(t testing.TB, sessionID, token string) *wsClient {
+	t.Helper()
+	c, resp := tp.dial(t, "/agent-1/ws/"+sessionID, http.Header{"Authorization": {"Bearer " + token}})
+	if c == nil {
+		t.Fatalf("handshake: %d %s", resp.status, resp.body)
+	}
+	return c
+}
+
+type handshakeResult struct {
+	status int
+	body   string
+	code   string // the "error" field of the body
+}
+
+// dial sends a WebSocket handshake with extra headers. It returns the client
+// on 101, or the refusal.
+func (tp *testProxy) dial(t testing.TB, path string, header http.Header) (*wsClient, handshakeResult) {
+	t.Helper()
+	return dialWS(t, tp.addr, path, header, true)
+}
+
+func dialWS(t testing.TB, addr, path string, header http.Header, upgrade bool) (*wsClient, handshakeResult) {
+	t.Helper()
+	c, res, err := tryDial(addr, path, header, upgrade)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c != nil {
+		c.t = t
+		t.Cleanup(func() { c.conn.Close() })
+	}
+	return c, res
+}
+
+// tryDial is dialWS for goroutines other than the test's.
+func tryDial(addr, path string, header http.Header, upgrade bool) (*wsClient, handshakeResult, error) {
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, handshakeResult{}, err
+	}
+	req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+	if upgrade {
+		req.Header.Set("Upgrade", "websocket")
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Sec-WebSocket-Key", base64.StdEncoding.EncodeToString([]byte(randomID()[:16])))
+		req.Header.Set("Sec-WebSocket-Version", "13")
+	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	if err := req.Write(nc); err != nil {
+		nc.Close()
+		return nil, handshakeResult{}, err
+	}
+	nc.SetReadDeadline(time.Now().Add(15 * time.Second))
+	br := bufio.NewReader(nc)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		nc.Close()
+		return nil, handshakeResult{}, fmt.Errorf("reading handshake response: %v", err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(resp.Body)
+		nc.Close()
+		var e struct{ Error string }
+		json.Unmarshal(body, &e)
+		return nil, handshakeResult{resp.StatusCode, string(body), e.Error}, nil
+	}
+	nc.SetReadDeadline(time.Time{})
+	return &wsClient{conn: nc, br: br, autoPong: true}, handshakeResult{status: 101}, nil
+}
+
+// wsClient is a minimal RFC 6455 client for tests.
+type wsClient struct {
+	t        testing.TB
+	conn     net.Conn
+	br       *bufio.Reader
+	autoPong bool // answer pings while reading
+	pings    int
+}
+
+type frame struct {
+	fin     bool
+	op      byte
+	payload []byte
+}
+
+func (c *wsClient) writeFrame(fin bool, op byte, payload []byte) error {
+	b0 := op
+	if fin {
+		b0 |= 0x80
+	}
+	hdr := []byte{b0}
+	switch n := len(payload); {
+	case n <= 125:
+		hdr = append(hdr, 0x80|byte(n))
+	case n <= 0xFFFF:
+		hdr = append(hdr, 0x80|126, byte(n>>8), byte(n))
+	default:
+		hdr = binary.BigEndian.AppendUint64(append(hdr, 0x80|127), uint64(n))
+	}
+	mask := []byte{1, 2, 3, 4}
+	masked := make([]byte, len(payload))
+	for i := range payload {
+		masked[i] = payload[i] ^ mask[i%4]
+	}
+	_, err := c.conn.Write(append(append(hdr, mask...), masked...))
+	return err
+}
+
+func (c *wsClient) sendText(s string) {
+	c.t.Helper()
+	if err := c.writeFrame(true, opText, []byte(s)); err != nil {
+		c.t.Fatalf("send: %v", err)
+	}
+}
+
+// readFrame reads one frame as it arrives.
+func (c *wsClient) readFrame(timeout time.Duration) (frame, error) {
+	c.conn.SetReadDeadline(time.Now().Add(timeout))
+	var hdr [2]byte
+	if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+		return frame{}, err
+	}
+	if hdr[1]&0x80 != 0 {
+		return frame{}, errors.New("server frame is masked")
+	}
+	n := int64(hdr[1] & 0x7f)
+	switch n {
+	case 126:
+		var ext [2]byte
+		if _, err := io.ReadFull(c.br, ext[:]); err != nil {
+			return frame{}, err
+		}
+		n = int64(binary.BigEndian.Uint16(ext[:]))
+	case 127:
+		var ext [8]byte
+		if _, err := io.ReadFull(c.br, ext[:]); err != nil {
+			return frame{}, err
+		}
+		n = int64(binary.BigEndian.Uint64(ext[:]))
+	}
+	f := frame{fin: hdr[0]&0x80 != 0, op: hdr[0] & 0x0f, payload: make([]byte, n)}
+	_, err := io.ReadFull(c.br, f.payload)
+	return f, err
+}
+
+// next returns the next data or close frame, answering pings on the way.
+func (c *wsClient) next(timeout time.Duration) (frame, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		f, err := c.readFrame(time.Until(deadline))
+		if err != nil || (f.op != opPing && f.op != opPong) {
+			return f, err
+		}
+		if f.op == opPing {
+			c.pings++
+			if c.autoPong {
+				c.writeFrame(true, opPong, f.payload)
+			}
+		}
+	}
+}
+
+// read returns the next data message, failing the test on anything else.
+func (c *wsClient) read() frame {
+	c.t.Helper()
+	f, err := c.next(5 * time.Second)
+	if err != nil {
+		c.t.Fatalf("read: %v", err)
+	}
+	if f.op == opClose {
+		c.t.Fatalf("read: got close %d %q", closeCode(f.payload), f.payload[min(2, len(f.payload)):])
+	}
+	return f
+}
+
+func (c *wsClient) readText() string {
+	c.t.Helper()
+	f := c.read()
+	if f.op != opText {
+		c.t.Fatalf("want a text frame, got opcode %d", f.op)
+	}
+	return string(f.payload)
+}
+
+// controlError reads the next message and returns its code, failing unless
+// it is a control error.
+func (c *wsClient) controlError() string {
+	c.t.Helper()
+	var m struct{ Type, Command, Code, Message string }
+	text := c.readText()
+	if err := json.Unmarshal([]byte(text), &m); err != nil || m.Type != "control" || m.Command != "error" || m.Message == "" {
+		c.t.Fatalf("want a control error, got %s", text)
+	}
+	return m.Code
+}
+
+// expectClose skips data until the close frame and returns its code and
+// reason; 1006 when the connection ended without one.
+func (c *wsClient) expectClose(timeout time.Duration) (int, string) {
+	c.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		f, err := c.next(time.Until(deadline))
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				c.t.Fatalf("no close within %v", timeout)
+			}
+			return 1006, err.Error()
+		}
+		if f.op == opClose {
+			return closeCode(f.payload), string(f.payload[min(2, len(f.payload)):])
+		}
+	}
+}
+
+func closeCode(payload []byte) int {
+	if len(payload) < 2 {
+		return 1005
+	}
+	return int(binary.BigEndian.Uint16(payload))
+}
+
+// syncBuffer collects the proxy's logs.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// eventually polls cond until it holds, for conditions no signal announces
+// (a metric, a count in Redis).
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func randomID() string {
+	b := make([]byte, 12)
+	rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func makeJWT(secret string, header, claims map[string]any) string {
+	h, _ := json.Marshal(header)
+	c, _ := json.Marshal(claims)
+	signing := base64.RawURLEncoding.EncodeToString(h) + "." + base64.RawURLEncoding.EncodeToString(c)
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(signing))
+	return signing + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
+}
+
+var _ = runtime.NumGoroutine
+
+// ---------------------------------------------------------------------------
+// SPEC §1: endpoints
+
+func TestEndpoints(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		body         string
+	}{
+		{"GET", "/health", 200, `{"active_connections":0,"redis":"connected","status":"healthy"}`},
+		{"GET", "/ready", 200, `{"status":"ready"}`},
+		{"GET", "/nope", 404, `"error":"not_found"`},
+		{"GET", "/a/ws/b/c", 404, `"error":"not_found"`},
+		{"POST", "/health", 405, `"error":"method_not_allowed"`},
+		{"DELETE", "/metrics", 405, `"error":"method_not_allowed"`},
+		{"POST", "/agent/ws/session", 405, `"error":"method_not_allowed"`},
+	} {
+		req, _ := http.NewRequest(tc.method, tp.url(tc.path), nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status || !strings.Contains(string(body), tc.body) {
+			t.Errorf("%s %s: %d %s, want %d %s", tc.method, tc.path, resp.StatusCode, body, tc.status, tc.body)
+		}
+		if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+			t.Errorf("%s %s: Content-Type %q", tc.method, tc.path, ct)
+		}
+	}
+	status, body := tp.get(t, "/metrics")
+	if status != 200 || !strings.Contains(body, "# TYPE wsproxy_active_connections gauge") {
+		t.Errorf("/metrics: %d %s", status, body)
+	}
+}
+
+func TestHealthAndReadyWhenRedisIsDown(t *testing.T) {
+	tp := startProxy(t, &testRedis{url: "redis://127.0.0.1:1"})
+	if status, body := tp.get(t, "/health"); status != 503 || !strings.Contains(body, `"status":"unhealthy"`) || !strings.Contains(body, `"redis":"disconnected"`) {
+		t.Errorf("/health: %d %s", status, body)
+	}
+	if status, body := tp.get(t, "/ready"); status != 503 || !strings.Contains(body, `"status":"redis_unavailable"`) {
+		t.Errorf("/ready: %d %s", status, body)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// SPEC §2: the handshake
+
+func TestHandshakeRefusals(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r, "ALLOWED_ORIGINS=https://app.example.com, https://other.example.com")
+	id, token := r.session(t)
+	bearer := http.Header{"Authorization": {"Bearer " + token}}
+	long := strings.Repeat("a", 129)
+	for _, tc := range []struct {
+		name    string
+		path    string
+		header  http.Header
+		upgrade bool
+		status  int
+		code    string
+	}{
+		{"bad agent id", "/bad%20agent/ws/" + id, bearer, true, 400, "bad_request"},
+		{"session id too long", "/agent/ws/" + long, bearer, true, 400, "bad_request"},
+		{"bad session id before missing token", "/agent/ws/x*y", nil, true, 400, "bad_request"},
+		{"not an upgrade", "/agent/ws/" + id, bearer, false, 400, "bad_request"},
+		{"wrong version", "/agent/ws/" + id, http.Header{"Authorization": {"Bearer " + token}, "Sec-Websocket-Version": {"8"}}, true, 400, "bad_request"},
+		{"origin not allowed before auth", "/agent/ws/" + id, http.Header{"Origin": {"https://evil.example.com"}}, true, 403, "origin_not_allowed"},
+		{"missing token", "/agent/ws/" + id, nil, true, 401, "missing_token"},
+		{"unknown session", "/agent/ws/nosuchsession", bearer, true, 401, "unknown_session"},
+		{"invalid token", "/agent/ws/" + id, http.Header{"Authorization": {"Bearer wrong"}}, true, 403, "invalid_token"},
+		{"invalid query token", "/agent/ws/" + id + "?token=wrong", nil, true, 403, "invalid_token"},
+	} {
+		_, res := dialWS(t, tp.addr, tc.path, tc.header, tc.upgrade)
+		if res.status != tc.status || res.code != tc.code {
+			t.Errorf("%s: got %d %s, want %d %s", tc.name, res.status, res.body, tc.status, tc.code)
+		}
+	}
+	// Allowed origins and clients without an Origin header get in.
+	for _, origin := range []string{"https://other.example.com", ""} {
+		h := http.Header{"Authorization": {"Bearer " + token}}
+		if origin != "" {
+			h.Set("Origin", origin)
+		}
+		c, res := tp.dial(t, "/agent/ws/"+id, h)
+		if c == nil {
+			t.Fatalf("origin %q: %d %s", origin, res.status, res.body)
+		}
+		c.conn.Close()
+	}
+	eventually(t, "no subscriptions left", func() bool { return len(fake.SubscribedChannels()) == 0 })
+	if got := tp.metric(t, `wsproxy_connections_total{result="bad_request"}`); got != 5 {
+		t.Errorf("bad_request count %v, want 5", got)
+	}
+	if got := tp.metric(t, `wsproxy_connections_total{result="unauthorized"}`); got != 2 {
+		t.Errorf("unauthorized count %v, want 2", got)
+	}
+	if got := tp.metric(t, `wsproxy_connections_total{result="forbidden"}`); got != 3 {
+		t.Errorf("forbidden count %v, want 3", got)
+	}
+	if strings.Contains(tp.logs.String(), token) {
+		t.Errorf("a token appears in the logs")
+	}
+}
+
+func TestHandshakeDrainingAndTooManyConnections(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_CONNECTIONS=2")
+	id, token := r.session(t)
+	tp.connect(t, id, token)
+	tp.connect(t, id, token)
+	_, res := tp.dial(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}})
+	if res.status != 503 || res.code != "too_many_connections" {
+		t.Errorf("third connection: %d %s", res.status, res.body)
+	}
+	tp.p.draining.Store(true) // as the first signal does; TestShutdown* cover the signal itself
+	_, res = tp.dial(t, "/agent/ws/"+id, nil)
+	if res.status != 503 || res.code != "draining" {
+		t.Errorf("while draining: %d %s", res.status, res.body)
+	}
+	if got := tp.metric(t, `wsproxy_connections_total{result="rejected"}`); got != 2 {
+		t.Errorf("rejected count %v, want 2", got)
+	}
+}
+
+func TestHandshakeRedisFailures(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r, "AUTH_TIMEOUT_SECS=0.3", "SUBSCRIBE_TIMEOUT_SECS=0.3")
+	id, token := r.session(t)
+	header := http.Header{"Authorization": {"Bearer " + token}}
+
+	fake.HoldSubscribes(true)
+	_, res := tp.dial(t, "/agent/ws/"+id, header)
+	if res.status != 504 || res.code != "subscribe_timeout" {
+		t.Errorf("withheld confirmation: %d %s", res.status, res.body)
+	}
+	fake.HoldSubscribes(false)
+	r.waitNumSub(t, "session:"+id+":down", 0) // the late confirmation is followed by UNSUBSCRIBE
+
+	fake.Freeze(true)
+	_, res = tp.dial(t, "/agent/ws/"+id, header)
+	if res.status != 504 || res.code != "auth_timeout" {
+		t.Errorf("frozen Redis: %d %s", res.status, res.body)
+	}
+	fake.Freeze(false)
+	fake.DropConnections()
+	fake.RefuseConnections(true)
+	eventually(t, "subscriber lost", func() bool { return !tp.p.hub.connected() })
+	_, res = tp.dial(t, "/agent/ws/"+id, header)
+	if res.status != 503 || res.code != "redis_unavailable" {
+		t.Errorf("Redis down: %d %s", res.status, res.body)
+	}
+	if got := tp.metric(t, `wsproxy_connections_total{result="timeout"}`); got != 2 {
+		t.Errorf("timeout count %v, want 2", got)
+	}
+	if got := tp.metric(t, `wsproxy_connections_total{result="unavailable"}`); got != 1 {
+		t.Errorf("unavailable count %v, want 1", got)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// SPEC §3: authentication
+
+func TestAuthRedisRefreshesTTL(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "AUTH_GRACE_PERIOD_SECS=120")
+	id, token := r.session(t) // stored with EX 600
+	c := tp.connect(t, id, token)
+	ttl, _ := redis.Int(r.do(t, "TTL", "session:"+id+":auth"), nil)
+	if ttl <= 0 || ttl > 120 {
+		t.Errorf("TTL after connect %d, want the grace period 120", ttl)
+	}
+	r.do(t, "EXPIRE", "session:"+id+":auth", 600)
+	c.writeFrame(true, opClose, []byte{3, 232})
+	c.expectClose(5 * time.Second)
+	eventually(t, "TTL restarted at disconnect", func() bool {
+		ttl, _ := redis.Int(r.do(t, "TTL", "session:"+id+":auth"), nil)
+		return ttl > 0 && ttl <= 120
+	})
+	// Reconnecting with the same token within the grace period works.
+	tp.connect(t, id, token)
+	// The query parameter works as well as the header.
+	c2, res := tp.dial(t, "/agent/ws/"+id+"?token="+token, nil)
+	if c2 == nil {
+		t.Errorf("?token=: %d %s", res.status, res.body)
+	}
+}
+
+func TestAuthRedisSingleUseToken(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "AUTH_GRACE_PERIOD_SECS=0")
+	id, token := r.session(t)
+	tp.connect(t, id, token)
+	if v := r.do(t, "GET", "session:"+id+":auth"); v != nil {
+		t.Errorf("the single-use key still exists: %s", v)
+	}
+	_, res := tp.dial(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}})
+	if res.status != 401 || res.code != "unknown_session" {
+		t.Errorf("second use: %d %s", res.status, res.body)
+	}
+}
+
+func TestAuthJWT(t *testing.T) {
+	secret := strings.Repeat("s", 32)
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "AUTH_MODE=jwt", "JWT_SECRET="+secret)
+	hs := map[string]any{"alg": "HS256", "typ": "JWT"}
+	now := time.Now().Unix()
+	for _, tc := range []struct {
+		name   string
+		token  string
+		status int
+		code   string
+	}{
+		{"valid", makeJWT(secret, hs, map[string]any{"session_id": "s1", "exp": now + 60, "nbf": now - 1}), 101, ""},
+		{"no exp", makeJWT(secret, hs, map[string]any{"session_id": "s1"}), 101, ""},
+		{"expired", makeJWT(secret, hs, map[string]any{"session_id": "s1", "exp": now - 1}), 403, "token_expired"},
+		{"not yet valid", makeJWT(secret, hs, map[string]any{"session_id": "s1", "nbf": now + 60}), 403, "token_not_yet_valid"},
+		{"other session", makeJWT(secret, hs, map[string]any{"session_id": "s2"}), 403, "session_mismatch"},
+		{"wrong secret", makeJWT(strings.Repeat("x", 32), hs, map[string]any{"session_id": "s1"}), 403, "invalid_token"},
+		{"alg none", strings.TrimRight(makeJWT(secret, map[string]any{"alg": "none"}, map[string]any{"session_id": "s1"}), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_") + ".", 403, "invalid_token"},
+		{"alg HS512", makeJWT(secret, map[string]any{"alg": "HS512"}, map[string]any{"session_id": "s1"}), 403, "invalid_token"},
+		{"garbage", "not.a.jwt", 403, "invalid_token"},
+		{"missing", "", 401, "missing_token"},
+	} {
+		header := http.Header{}
+		if tc.token != "" {
+			header.Set("Authorization", "Bearer "+tc.token)
+		}
+		c, res := tp.dial(t, "/agent/ws/s1", header)
+		if res.status != tc.status || res.code != tc.code {
+			t.Errorf("%s: %d %s, want %d %s", tc.name, res.status, res.body, tc.status, tc.code)
+		}
+		if c != nil {
+			c.conn.Close()
+		}
+	}
+}
+
+func TestAuthNone(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "AUTH_MODE=none")
+	c := tp.connect(t, "anything", "")
+	r.publish(t, "anything", `{"ok":true}`)
+	if got := c.readText(); got != `{"ok":true}` {
+		t.Errorf("got %s", got)
+	}
+	if !strings.Contains(tp.logs.String(), "AUTH_MODE=none") {
+		t.Errorf("no start-up warning for AUTH_MODE=none")
+	}
+}
+
+// ---------------------------------------------------------------------------
+// SPEC §2 step 6: subscribe before 101, under concurrency
+
+// The first message published the moment the handshake completes arrives,
+// even when Redis is slow to confirm the subscription.
+func TestSubscribeBefore101(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	fake.DelaySubscribes(200 * time.Millisecond)
+	for i := 0; i < 5; i++ {
+		id, token := r.session(t)
+		c := tp.connect(t, id, token)
+		if n := r.publish(t, id, `{"first":true}`); n != 1 {
+			t.Fatalf("publish right after 101 reached %d subscribers", n)
+		}
+		if got := c.readText(); got != `{"first":true}` {
+			t.Fatalf("got %s", got)
+		}
+	}
+}
+
+// A handshake is released by its own SUBSCRIBE's confirmation, not by the
+// channel being subscribed already for another connection.
+func TestSubscribeWaitsForOwnConfirmation(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	first := tp.connect(t, id, token)
+	fake.HoldSubscribes(true)
+	type result struct {
+		c   *wsClient
+		res handshakeResult
+	}
+	second := make(chan result, 1)
+	go func() {
+		c, res, _ := tryDial(tp.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+		second <- result{c, res}
+	}()
+	eventually(t, "second SUBSCRIBE sent", func() bool { return fake.CommandCount("SUBSCRIBE") >= 2 }) // first, second
+	select {
+	case res := <-second:
+		t.Fatalf("handshake completed before its confirmation: %d", res.res.status)
+	case <-time.After(300 * time.Millisecond):
+	}
+	fake.HoldSubscribes(false)
+	got := <-second
+	if got.c == nil {
+		t.Fatalf("second handshake: %d %s", got.res.status, got.res.body)
+	}
+	got.c.t = t
+	defer got.c.conn.Close()
+	r.publish(t, id, `"both"`)
+	if a, b := first.readText(), got.c.readText(); a != `"both"` || b != `"both"` {
+		t.Errorf("got %s and %s", a, b)
+	}
+}
+
+// A connection that arrives while the previous connection's UNSUBSCRIBE is
+// in flight still ends up subscribed before its 101.
+func TestSubscribeWhileUnsubscribeInFlight(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	channel := "session:" + id + ":down"
+	old := tp.connect(t, id, token)
+
+	// Withhold replies from here on, so that the UNSUBSCRIBE below stays
+	// unanswered while the new SUBSCRIBE is sent.
+	fake.HoldSubscribes(true)
+	otherID, otherToken := r.session(t)
+	go tryDial(tp.addr, "/agent/ws/"+otherID, http.Header{"Authorization": {"Bearer " + otherToken}}, true)
+	eventually(t, "held SUBSCRIBE", func() bool { return fake.Subscribers("session:"+otherID+":down") == 1 })
+	old.writeFrame(true, opClose, []byte{3, 232})
+	eventually(t, "UNSUBSCRIBE sent", func() bool { return fake.Subscribers(channel) == 0 })
+
+	done := make(chan *wsClient, 1)
+	go func() {
+		c, _, _ := tryDial(tp.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+		done <- c
+	}()
+	eventually(t, "new SUBSCRIBE sent", func() bool { return fake.Subscribers(channel) == 1 })
+	fake.HoldSubscribes(false)
+	c := <-done
+	if c == nil {
+		t.Fatal("reconnect refused")
+	}
+	c.t = t
+	defer c.conn.Close()
+	if n := r.publish(t, id, `"after"`); n != 1 {
+		t.Fatalf("%d subscribers after the reconnect", n)
+	}
+	if got := c.readText(); got != `"after"` {
+		t.Errorf("got %s", got)
+	}
+}
+
+// Many connections of a few sessions come and go at once; each one is
+// subscribed at its 101 and nothing is left subscribed at the end.
+func TestSubscribeChurnUnderConcurrency(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	if r.fake != nil {
+		r.fake.DelaySubscribes(time.Millisecond)
+	}
+	sessions := make([][2]string, 4)
+	for i := range sessions {
+		id, token := r.session(t)
+		sessions[i] = [2]string{id, token}
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 200)
+	for w := 0; w < 20; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < 10; i++ {
+				s := sessions[(w+i)%len(sessions)]
+				c, res, err := tryDial(tp.addr, "/agent/ws/"+s[0], http.Header{"Authorization": {"Bearer " + s[1]}}, true)
+				if c == nil {
+					errs <- fmt.Errorf("handshake: %d %v", res.status, err)
+					return
+				}
+				if n := r.subscribers("session:"+s[0]+":down"); n != 1 {
+					errs <- fmt.Errorf("open connection, but %d subscribers", n)
+				}
+				c.conn.Close()
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	for _, s := range sessions {
+		r.waitNumSub(t, "session:"+s[0]+":down", 0)
+	}
+	eventually(t, "subscribed_channels back to 0", func() bool { return tp.metric(t, "wsproxy_subscribed_channels") == 0 })
+}
+
+// ---------------------------------------------------------------------------
+// SPEC §4: forwarding
+
+func TestDownForwardingInOrderByteForByte(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	a, b := tp.connect(t, id, token), tp.connect(t, id, token)
+	other, otherToken := r.session(t)
+	bystander := tp.connect(t, other, otherToken)
+	messages := []string{`{"type":"data","payload":"héllo ✓"}`, "not json at all", strings.Repeat("x", 70000), "", `{"n":4}`}
+	for i := 0; i < 200; i++ {
+		messages = append(messages, fmt.Sprintf(`{"seq":%d}`, i))
+	}
+	for _, m := range messages {
+		r.publish(t, id, m)
+	}
+	for _, c := range []*wsClient{a, b} {
+		for i, want := range messages {
+			if got := c.readText(); got != want {
+				t.Fatalf("message %d: got %.40q, want %.40q", i, got, want)
+			}
+		}
+	}
+	r.publish(t, other, `"only for the bystander"`)
+	if got := bystander.readText(); got != `"only for the bystander"` {
+		t.Errorf("bystander got %s", got)
+	}
+	eventually(t, "down count", func() bool { return tp.metric(t, `wsproxy_messages_total{direction="down"}`) == float64(2*len(messages)+1) })
+}
+
+func TestDownNonUTF8IsBinary(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	payload := string([]byte{0xff, 0x00, 0xfe, 'a'})
+	r.publish(t, id, payload)
+	f := c.read()
+	if f.op != opBinary || string(f.payload) != payload {
+		t.Errorf("got opcode %d %q", f.op, f.payload)
+	}
+}
+
+func TestUpForwarding(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_MESSAGE_SIZE_BYTES=300000")
+	id, token := r.session(t)
+	up := r.subscribeUp(t, id)
+	c := tp.connect(t, id, token)
+	sent := []string{`{"a":1}`, ` [1, 2, "ü"] `, `"just a string"`}
+	for _, m := range sent {
+		c.sendText(m)
+	}
+	// A message split over three frames with a ping between them, as
+	// browsers send messages over about 128 KiB.
+	big := `{"big":"` + strings.Repeat("y", 200000) + `"}`
+	c.writeFrame(false, opText, []byte(big[:70000]))
+	c.writeFrame(true, opPing, []byte("between"))
+	c.writeFrame(false, opContinuation, []byte(big[70000:140000]))
+	c.writeFrame(true, opContinuation, []byte(big[140000:]))
+	sent = append(sent, big)
+	for i, want := range sent {
+		select {
+		case got := <-up:
+			if string(got) != want {
+				t.Fatalf("up message %d: got %.40q, want %.40q", i, got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("up message %d never arrived", i)
+		}
+	}
+	f, err := c.readFrame(5 * time.Second)
+	if err != nil || f.op != opPong || string(f.payload) != "between" {
+		t.Errorf("ping not answered: %v %d %q", err, f.op, f.payload)
+	}
+	eventually(t, "up count", func() bool { return tp.metric(t, `wsproxy_messages_total{direction="up"}`) == 4 })
+}
+
+func TestUpControlErrorsKeepConnectionOpen(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r, "MAX_MESSAGE_SIZE_BYTES=1000")
+	id, token := r.session(t)
+	up := r.subscribeUp(t, id)
+	c := tp.connect(t, id, token)
+	expectUp := func(want string) {
+		t.Helper()
+		c.sendText(want)
+		select {
+		case got := <-up:
+			if string(got) != want {
+				t.Fatalf("got %s, want %s", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s never arrived", want)
+		}
+	}
+	c.sendText(`{"unterminated":`)
+	if code := c.controlError(); code != "invalid_json" {
+		t.Errorf("got %s, want invalid_json", code)
+	}
+	c.writeFrame(true, opText, []byte{'"', 0xff, '"'})
+	if code := c.controlError(); code != "invalid_json" {
+		t.Errorf("invalid UTF-8: got %s, want invalid_json", code)
+	}
+	c.writeFrame(true, opBinary, []byte(`{"a":1}`))
+	if code := c.controlError(); code != "binary_not_supported" {
+		t.Errorf("got %s, want binary_not_supported", code)
+	}
+	c.sendText(`"` + strings.Repeat("z", 1000) + `"`)
+	if code := c.controlError(); code != "message_too_large" {
+		t.Errorf("got %s, want message_too_large", code)
+	}
+	// Too large only across fragments: answered once, for the whole message.
+	c.writeFrame(false, opText, []byte(`"`+strings.Repeat("z", 600)))
+	c.writeFrame(false, opContinuation, []byte(strings.Repeat("z", 600)))
+	c.writeFrame(true, opContinuation, []byte(strings.Repeat("z", 600)+`"`))
+	if code := c.controlError(); code != "message_too_large" {
+		t.Errorf("fragmented: got %s, want message_too_large", code)
+	}
+	expectUp(`{"still":"open"}`) // also proves the fragments were answered once
+	fake.FailPublish("READONLY You can't write against a read only replica")
+	c.sendText(`{"lost":true}`)
+	if code := c.controlError(); code != "publish_failed" {
+		t.Errorf("got %s, want publish_failed", code)
+	}
+	fake.FailPublish("")
+	expectUp(`{"after":"failure"}`)
+	for code, want := range map[string]float64{"invalid_json": 2, "binary_not_supported": 1, "message_too_large": 2, "publish_failed": 1} {
+		if got := tp.metric(t, `wsproxy_client_errors_total{code="`+code+`"}`); got != want {
+			t.Errorf("client_errors_total{%s} = %v, want %v", code, got, want)
+		}
+	}
+}
+
+func TestUpstreamDisabled(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "UPSTREAM_ENABLED=false")
+	id, token := r.session(t)
+	up := r.subscribeUp(t, id)
+	c := tp.connect(t, id, token)
+	c.sendText(`{"a":1}`)
+	if code := c.controlError(); code != "upstream_disabled" {
+		t.Errorf("got %s", code)
+	}
+	r.publish(t, id, `"down still works"`)
+	if got := c.readText(); got != `"down still works"` {
+		t.Errorf("got %s", got)
+	}
+	select {
+	case m := <-up:
+		t.Errorf("published upstream anyway: %s", m)
+	default:
+	}
+}
+
+func TestProtocolErrorsClose1002(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	c.writeFrame(true, opContinuation, []byte("no message to continue"))
+	if code, _ := c.expectClose(5 * time.Second); code != 1002 {
+		t.Errorf("close code %d, want 1002", code)
+	}
+}
+
+func TestClientCloseIsEchoed(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	c.writeFrame(true, opClose, binary.BigEndian.AppendUint16(nil, 4000))
+	if code, _ := c.expectClose(5 * time.Second); code != 4000 {
+		t.Errorf("echoed code %d, want 4000", code)
+	}
+	eventually(t, "connection gone", func() bool { return tp.metric(t, "wsproxy_active_connections") == 0 })
+}
+
+// ---------------------------------------------------------------------------
+// SPEC §4: liveness, backpressure, timeouts
+
+func TestLivenessClosesSilentClient(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "WS_PING_INTERVAL_SECS=0.2", "WS_PING_TIMEOUT_SECS=0.2")
+	id, token := r.session(t)
+	silent, answering := tp.connect(t, id, token), tp.connect(t, id, token)
+	silent.autoPong = false
+	// The answering client, which never sends data, stays open for many
+	// intervals; it reads (and so answers pings) beside the silent one.
+	answered := make(chan error, 1)
+	go func() {
+		deadline := time.Now().Add(2 * time.Second)
+		for time.Now().Before(deadline) {
+			if f, err := answering.next(time.Until(deadline)); err == nil {
+				answered <- fmt.Errorf("answering client got opcode %d", f.op)
+				return
+			} else if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
+				answered <- fmt.Errorf("answering client closed: %v", err)
+				return
+			}
+		}
+		answered <- nil
+	}()
+	start := time.Now()
+	// The silent client reads (so it sees the pings) but never answers.
+	code, _ := silent.expectClose(5 * time.Second)
+	if code != 1006 {
+		t.Errorf("silent client: close %d, want the connection dropped (1006)", code)
+	}
+	if silent.pings == 0 {
+		t.Errorf("no pings were sent")
+	}
+	if elapsed := time.Since(start); elapsed < 300*time.Millisecond {
+		t.Errorf("closed after %v, before interval+timeout", elapsed)
+	}
+	if err := <-answered; err != nil {
+		t.Fatal(err)
+	}
+	if answering.pings < 5 {
+		t.Errorf("answering client saw %d pings", answering.pings)
+	}
+	r.publish(t, id, `"alive"`)
+	if got := answering.readText(); got != `"alive"` {
+		t.Errorf("got %s", got)
+	}
+}
+
+func TestSlowClientClosed1008WithoutSlowingOthers(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=65536")
+	id, token := r.session(t)
+	slow, fast := tp.connect(t, id, token), tp.connect(t, id, token)
+	// The slow client never reads, so the kernel buffers fill, then its
+	// queue. The fast one must get every message promptly meanwhile.
+	message := `"` + strings.Repeat("m", 4094) + `"`
+	for i := 0; tp.metric(t, "wsproxy_slow_client_closes_total") == 0; i++ {
+		if i == 20000 {
+			t.Fatal("80 MB published and the slow client is still open")
+		}
+		r.publish(t, id, message)
+		if got := fast.readText(); got != message {
+			t.Fatalf("fast client got %.20q", got)
+		}
+	}
+	code, reason := slow.expectClose(10 * time.Second)
+	if code != 1008 || reason != "client too slow" {
+		t.Errorf("slow client: %d %q, want 1008 client too slow", code, reason)
+	}
+	r.publish(t, id, `"after"`)
+	if got := fast.readText(); got != `"after"` {
+		t.Errorf("fast client got %s", got)
+	}
+	if !strings.Contains(tp.logs.String(), "client is falling behind") {
+		t.Errorf("no 80%% warning in the logs")
+	}
+}
+
+func TestIdleTimeout(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "IDLE_TIMEOUT_SECS=0.5")
+	id, token := r.session(t)
+	up := r.subscribeUp(t, id)
+	c := tp.connect(t, id, token)
+	start := time.Now()
+	// Data either way keeps it open past the timeout.
+	for i := 0; i < 4; i++ {
+		time.Sleep(200 * time.Millisecond)
+		if i%2 == 0 {
+			c.sendText(`{"keep":"alive"}`)
+			<-up
+		} else {
+			r.publish(t, id, `"tick"`)
+			c.readText()
+		}
+	}
+	code, _ := c.expectClose(5 * time.Second)
+	if code != 1000 {
+		t.Errorf("close %d, want 1000", code)
+	}
+	if elapsed := time.Since(start); elapsed < 1100*time.Millisecond {
+		t.Errorf("closed after %v despite traffic", elapsed)
+	}
+}
+
+func TestStreamEndTimeout(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "STREAM_END_TIMEOUT_SECS=0.4")
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	end := `{"type":"control","command":"stream_end","reason":"done"}`
+	r.publish(t, id, end)
+	if got := c.readText(); got != end {
+		t.Fatalf("stream_end not forwarded as is: %s", got)
+	}
+	// A data message cancels the timer: a new stream began.
+	time.Sleep(200 * time.Millisecond)
+	r.publish(t, id, `"new stream"`)
+	c.readText()
+	time.Sleep(400 * time.Millisecond)
+	r.publish(t, id, `"still open"`)
+	if got := c.readText(); got != `"still open"` {
+		t.Fatalf("got %s", got)
+	}
+	start := time.Now()
+	r.publish(t, id, end)
+	c.readText()
+	if code, _ := c.expectClose(5 * time.Second); code != 1000 {
+		t.Errorf("close %d, want 1000", code)
+	}
+	if elapsed := time.Since(start); elapsed < 350*time.Millisecond {
+		t.Errorf("closed %v after stream_end", elapsed)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// No leaks: connections, subscriptions and goroutines return to baseline.
+
+func TestNoLeaks(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=20000")
+	eventually(t, "proxy idle", func() bool { return tp.metric(t, "wsproxy_active_connections") == 0 })
+	http.DefaultClient.CloseIdleConnections()
+	baseline, baseRedisConns := runtime.NumGoroutine(), fake.Conns()
+	var clients []*wsClient
+	var ids []string
+	for i := 0; i < 10; i++ {
+		id, token := r.session(t)
+		ids = append(ids, id)
+		for j := 0; j < 5; j++ {
+			clients = append(clients, tp.connect(t, id, token))
+		}
+	}
+	for _, id := range ids {
+		r.publish(t, id, `{"hello":"all"}`)
+	}
+	for i, c := range clients {
+		c.readText()
+		switch i % 4 { // leave in every way there is
+		case 0:
+			c.writeFrame(true, opClose, []byte{3, 232})
+		case 1:
+			c.conn.Close()
+		case 2:
+			c.sendText(`{"up":1}`)
+			c.conn.Close()
+		}
+	}
+	// The remaining quarter become slow clients and are closed by the proxy.
+	big := `"` + strings.Repeat("b", 20000) + `"`
+	for _, id := range ids {
+		r.publish(t, id, big)
+	}
+	for i, c := range clients {
+		if i%4 == 3 {
+			c.conn.Close()
+		}
+	}
+	eventually(t, "no connections", func() bool { return tp.metric(t, "wsproxy_active_connections") == 0 })
+	eventually(t, "no subscriptions", func() bool { return len(fake.SubscribedChannels()) == 0 })
+	if got := tp.metric(t, "wsproxy_subscribed_channels"); got != 0 {
+		t.Errorf("subscribed_channels %v", got)
+	}
+	// Goroutines: none left serving a WebSocket, and none at all beyond
+	// the two the fake runs for each Redis connection the pool has added.
+	http.DefaultClient.CloseIdleConnections()
+	eventually(t, "no connection goroutines", func() bool { return goroutinesIn("wsproxy.(*conn)", "net/http.(*conn).serve") == 0 })
+	eventually(t, "goroutines back to baseline", func() bool {
+		return runtime.NumGoroutine() <= baseline+2*(fake.Conns()-baseRedisConns)
+	})
+	if extra := fake.Conns() - baseRedisConns; extra > 64 {
+		t.Errorf("the pool grew by %d connections", extra)
+	}
+	tp.p.hub.mu.Lock()
+	channels, waiting := len(tp.p.hub.channels), len(tp.p.hub.waiting)
+	tp.p.hub.mu.Unlock()
+	if channels != 0 || waiting != 0 {
+		t.Errorf("hub holds %d channels and %d waiting lists", channels, waiting)
+	}
+}
+
+// goroutinesIn counts goroutines whose stack mentions any of the functions.
+func goroutinesIn(functions ...string) int {
+	buf := make([]byte, 8<<20)
+	n := 0
+	for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		for _, f := range functions {
+			if strings.Contains(g, f) {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
