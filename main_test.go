@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"runtime"
 	"strings"
 	"sync"
@@ -1295,4 +1296,180 @@ func goroutinesIn(functions ...string) int {
 		}
 	}
 	return n
+}
+
+// ---------------------------------------------------------------------------
+// SPEC §6: configuration, logs, metrics
+
+func TestConfigDefaults(t *testing.T) {
+	cfg, err := loadConfig(func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := config{Host: "0.0.0.0", Port: 8080, RedisURL: "redis://127.0.0.1:6379",
+		PingInterval: 30 * time.Second, PingTimeout: 10 * time.Second, ShutdownGrace: 30 * time.Second,
+		AuthMode: "redis", AuthTimeout: 5 * time.Second, AuthGrace: 10800 * time.Second,
+		SubscribeTimeout: 5 * time.Second, MaxConnections: 50000, MaxMessageSize: 1048576, MaxBufferSize: 10485760,
+		IdleTimeout: 0, StreamEndTimeout: 60 * time.Second, UpstreamEnabled: true, LogFormat: "json"}
+	if fmt.Sprint(*cfg) != fmt.Sprint(want) {
+		t.Errorf("defaults:\n got %+v\nwant %+v", *cfg, want)
+	}
+}
+
+func TestConfigRejectsMalformedValues(t *testing.T) {
+	for _, tc := range [][2]string{
+		{"PORT", "abc"}, {"PORT", "0"}, {"PORT", "65536"},
+		{"REDIS_URL", "http://localhost:6379"}, {"REDIS_URL", "localhost:6379"},
+		{"WS_PING_INTERVAL_SECS", "-1"}, {"WS_PING_INTERVAL_SECS", "0"}, {"WS_PING_TIMEOUT_SECS", "ten"},
+		{"SHUTDOWN_GRACE_PERIOD_SECS", "-5"}, {"AUTH_TIMEOUT_SECS", "NaN"}, {"AUTH_GRACE_PERIOD_SECS", "-1"},
+		{"SUBSCRIBE_TIMEOUT_SECS", "x"}, {"MAX_CONNECTIONS", "-3"}, {"MAX_MESSAGE_SIZE_BYTES", "1MB"},
+		{"MAX_BUFFER_SIZE_BYTES", "0"}, {"IDLE_TIMEOUT_SECS", "-1"}, {"STREAM_END_TIMEOUT_SECS", "1h"},
+		{"UPSTREAM_ENABLED", "maybe"}, {"AUTH_MODE", "ldap"}, {"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},
+	} {
+		_, err := loadConfig(func(k string) string {
+			if k == tc[0] {
+				return tc[1]
+			}
+			return ""
+		})
+		if err == nil || !strings.HasPrefix(err.Error(), tc[0]+":") {
+			t.Errorf("%s=%s: error %v, want one naming %s", tc[0], tc[1], err, tc[0])
+		}
+	}
+	_, err := loadConfig(func(k string) string { return map[string]string{"AUTH_MODE": "jwt", "JWT_SECRET": "short"}[k] })
+	if err == nil || !strings.HasPrefix(err.Error(), "JWT_SECRET:") || strings.Contains(err.Error(), "short") {
+		t.Errorf("short JWT secret: %v", err)
+	}
+}
+
+func TestDotEnvThenEnvironment(t *testing.T) {
+	path := t.TempDir() + "/.env"
+	os.WriteFile(path, []byte("# comment\nPORT=9000\nexport LOG_FORMAT=\"text\"\nHOST='127.0.0.2'\n\nAUTH_MODE=none\n"), 0o600)
+	t.Setenv("AUTH_MODE", "redis")
+	getenv, err := environment(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Port != 9000 || cfg.LogFormat != "text" || cfg.Host != "127.0.0.2" || cfg.AuthMode != "redis" {
+		t.Errorf("got %+v", cfg)
+	}
+	os.WriteFile(path, []byte("PORT 9000\n"), 0o600)
+	if _, err := environment(path); err == nil || !strings.Contains(err.Error(), "line 1") {
+		t.Errorf("malformed .env: %v", err)
+	}
+}
+
+// The binary refuses a malformed value with exit status 2 and one line that
+// names the variable.
+func TestBadConfigExitsWithStatus2(t *testing.T) {
+	bin := buildProxy(t)
+	for _, env := range []string{"PORT=abc", "AUTH_MODE=jwt", "REDIS_URL=http://x"} {
+		cmd := exec.Command(bin)
+		cmd.Dir = t.TempDir() // no .env there
+		cmd.Env = append(os.Environ(), env)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		err := cmd.Run()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+			t.Errorf("%s: %v, want exit status 2", env, err)
+		}
+		name := strings.Split(env, "=")[0]
+		if name == "AUTH_MODE" {
+			name = "JWT_SECRET"
+		}
+		if lines := strings.Split(strings.TrimSpace(stderr.String()), "\n"); len(lines) != 1 || !strings.Contains(lines[0], name) {
+			t.Errorf("%s: stderr %q, want one line naming %s", env, stderr.String(), name)
+		}
+	}
+}
+
+var (
+	buildOnce sync.Once
+	buildPath string
+	buildErr  error
+)
+
+// buildProxy builds the static binary once per test run.
+func buildProxy(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "wsproxy-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		buildPath = dir + "/wsproxy"
+		cmd := exec.Command("go", "build", "-o", buildPath, ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return buildPath
+}
+
+func TestLogsAreStructuredAndCarryIDs(t *testing.T) {
+	r := newTestRedis(t)
+	secret := strings.Repeat("k", 40)
+	tp := startProxy(t, r, "AUTH_MODE=jwt", "JWT_SECRET="+secret)
+	token := makeJWT(secret, map[string]any{"alg": "HS256"}, map[string]any{"session_id": "logged"})
+	c := tp.connect(t, "logged", token)
+	c.writeFrame(true, opClose, []byte{3, 232})
+	c.expectClose(5 * time.Second)
+	tp.dial(t, "/agent-1/ws/logged", http.Header{"Authorization": {"Bearer forged-" + token}})
+	eventually(t, "close logged", func() bool { return strings.Contains(tp.logs.String(), "connection closed") })
+	seen := map[string]map[string]any{}
+	for _, line := range strings.Split(strings.TrimSpace(tp.logs.String()), "\n") {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("not a JSON record: %s", line)
+		}
+		seen[rec["msg"].(string)] = rec
+	}
+	for _, msg := range []string{"connection open", "connection closed", "connection refused"} {
+		rec := seen[msg]
+		if rec == nil || rec["session_id"] != "logged" || rec["agent_id"] != "agent-1" {
+			t.Errorf("%s: %v", msg, rec)
+		}
+	}
+	if rec := seen["connection closed"]; rec["conn"] == nil || rec["reason"] == nil || rec["duration"] == nil || rec["messages_down"] == nil {
+		t.Errorf("close record lacks fields: %v", rec)
+	}
+	if start := seen["starting"]; start == nil || start["config"] == nil {
+		t.Errorf("no start-up record with the configuration")
+	}
+	if logs := tp.logs.String(); strings.Contains(logs, secret) || strings.Contains(logs, token[:20]) {
+		t.Errorf("a secret or token appears in the logs")
+	}
+}
+
+func TestMetricsExposeEverySeries(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	r.publish(t, id, `"x"`)
+	c.readText()
+	_, body := tp.get(t, "/metrics")
+	for _, series := range []string{
+		"wsproxy_active_connections 1", `wsproxy_connections_total{result="accepted"} 1`,
+		`wsproxy_messages_total{direction="down"} 1`, `wsproxy_bytes_total{direction="down"} 3`,
+		`wsproxy_messages_total{direction="up"} 0`, `wsproxy_client_errors_total{code="invalid_json"} 0`,
+		"wsproxy_slow_client_closes_total 0", "wsproxy_redis_connected 1", "wsproxy_redis_reconnects_total 0",
+		"wsproxy_subscribed_channels 1", `wsproxy_delivery_latency_seconds_bucket{le="+Inf"} 1`,
+		"wsproxy_delivery_latency_seconds_count 1", "# TYPE wsproxy_delivery_latency_seconds histogram",
+		"process_resident_memory_bytes ", "go_goroutines ", "process_cpu_seconds_total ",
+	} {
+		if !strings.Contains(body, "\n"+series) {
+			t.Errorf("missing %q", series)
+		}
+	}
 }
