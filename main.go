@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"net"
@@ -37,6 +38,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -450,7 +452,7 @@ func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeErro
 		r.Header.Get("Sec-WebSocket-Key") == "" || r.Header.Get("Sec-WebSocket-Version") != "13" {
 		return &handshakeError{400, "bad_request", "not a WebSocket upgrade (RFC 6455 version 13)"}
 	}
-	if origin := r.Header.Get("Origin"); origin != "" && len(p.cfg.AllowedOrigins) > 0 && !contains(p.cfg.AllowedOrigins, origin) {
+	if origin := r.Header.Get("Origin"); origin != "" && len(p.cfg.AllowedOrigins) > 0 && !slices.Contains(p.cfg.AllowedOrigins, origin) {
 		return &handshakeError{403, "origin_not_allowed", "origin " + origin + " is not in ALLOWED_ORIGINS"}
 	}
 	if p.cfg.AuthMode == "none" {
@@ -606,40 +608,27 @@ func (p *proxy) drain(signals <-chan os.Signal) {
 	p.draining.Store(true)
 	deadline := time.Now().Add(p.cfg.ShutdownGrace)
 	p.log.Info("draining", "connections", p.metrics.active.Load(), "deadline", deadline.Format(time.RFC3339Nano))
-	grace := time.NewTimer(p.cfg.ShutdownGrace)
+	grace, progress := time.NewTimer(p.cfg.ShutdownGrace), time.NewTicker(5*time.Second)
 	defer grace.Stop()
-	progress := time.NewTicker(5 * time.Second)
 	defer progress.Stop()
+	closeAll := func(drop bool) {
+		p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", drop) })
+	}
+	var giveUp <-chan time.Time // set once the close frames are on their way
 	for p.slots.Load() > 0 {
 		select {
 		case <-p.closed:
 		case <-progress.C:
-			p.log.Info("draining", "connections", p.metrics.active.Load(), "remaining", time.Until(deadline).Round(time.Second).String())
+			p.log.Info("draining", "connections", p.metrics.active.Load(), "deadline", deadline.Format(time.RFC3339Nano))
 		case <-grace.C:
 			p.log.Info("grace period over: closing connections with 1001", "connections", p.metrics.active.Load())
-			p.closeAll(false)
-			p.awaitClosed(writeWait + closeWait)
-			return
+			closeAll(false)
+			giveUp = time.After(writeWait + closeWait)
 		case s := <-signals:
-			p.log.Info("second signal: closing connections now", "signal", s.String(), "connections", p.metrics.active.Load())
-			p.closeAll(true)
-			p.awaitClosed(closeWait + time.Second)
-			return
-		}
-	}
-}
-
-func (p *proxy) closeAll(drop bool) {
-	p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", drop) })
-}
-
-func (p *proxy) awaitClosed(limit time.Duration) {
-	give := time.NewTimer(limit)
-	defer give.Stop()
-	for p.slots.Load() > 0 {
-		select {
-		case <-p.closed:
-		case <-give.C:
+			p.log.Info("second signal: closing connections with 1001 now", "signal", s.String(), "connections", p.metrics.active.Load())
+			closeAll(true)
+			giveUp = time.After(closeWait + time.Second)
+		case <-giveUp:
 			p.log.Warn("connections still open at exit", "connections", p.slots.Load())
 			return
 		}
@@ -738,7 +727,7 @@ func (c *conn) serve(ws *websocket.Conn) {
 	c.p.hub.leave(c)
 	c.mu.Lock()
 	if c.reason == "" {
-		c.reason = "read: " + readErr.Error()
+		c.reason = readErr.Error()
 	}
 	closeQueued := c.closing // let the writer deliver it; writeWait bounds that
 	c.closing = true
@@ -756,8 +745,6 @@ func (c *conn) serve(ws *websocket.Conn) {
 }
 
 var (
-	errClientClosed     = errors.New("client sent a close frame")
-	errProtocol         = errors.New("protocol error")
 	errSubscribeTimeout = errors.New("subscribe timeout")
 	errRedisUnavailable = errors.New("redis unavailable")
 )
@@ -783,49 +770,34 @@ func (c *conn) readLoop() error {
 		fin, rsv, masked := header[0]&0x80 != 0, header[0]&0x70 != 0, header[1]&0x80 != 0
 		size := int64(frame.Len() - n)
 		op := frame.PayloadType()
-		if !masked || rsv || size < 0 || (op >= opClose && (!fin || size > 125)) {
-			// RFC 6455 §5.1: clients mask; no extension was negotiated;
-			// control frames are short and whole.
+		control, data := op == opClose || op == opPing || op == opPong, op <= opBinary
+		if !masked || rsv || size < 0 || !(control || data) || (control && (!fin || size > 125)) ||
+			(data && (op == opContinuation) == (messageOp == 0)) {
+			// RFC 6455 §5: clients mask; no extension was negotiated;
+			// control frames are short and whole; a continuation
+			// continues a message and nothing else interrupts one.
 			c.closeWith(1002, "protocol error", true)
-			return errProtocol
+			return errors.New("protocol error")
 		}
-		switch op {
-		case opPing, opPong, opClose:
+		if control {
 			payload := make([]byte, size)
 			if _, err := io.ReadFull(frame, payload); err != nil {
 				return err
 			}
-			switch op {
-			case opPing:
+			if op == opPing {
 				c.send(outFrame{op: opPong, data: payload})
-			case opClose:
+			} else if op == opClose {
 				code := 1000 // echo the client's code (§5.5.1); none given means normal
 				if len(payload) >= 2 {
 					code = int(binary.BigEndian.Uint16(payload))
 				}
 				c.closeWith(code, "", false)
-				c.mu.Lock()
-				if c.reason == "" {
-					c.reason = "client closed with " + strconv.Itoa(code)
-				}
-				c.mu.Unlock()
-				return errClientClosed
+				return fmt.Errorf("client closed with %d", code)
 			}
 			continue
-		case opText, opBinary:
-			if messageOp != 0 {
-				c.closeWith(1002, "protocol error", true)
-				return errProtocol
-			}
+		}
+		if op != opContinuation {
 			messageOp, message, tooLarge = op, message[:0], false
-		case opContinuation:
-			if messageOp == 0 {
-				c.closeWith(1002, "protocol error", true)
-				return errProtocol
-			}
-		default:
-			c.closeWith(1002, "protocol error", true)
-			return errProtocol
 		}
 		if tooLarge || int64(len(message))+size > int64(cfg.MaxMessageSize) {
 			tooLarge = true
@@ -945,14 +917,14 @@ func (c *conn) kick() {
 	}
 }
 
-// writeLoop writes what is queued, a batch at a time: every frame of a batch
-// goes out in one system call (writev). x/net/websocket flushes each frame
+// writeLoop writes what is queued, a batch at a time: all the frames of a
+// batch go out in one system call. x/net/websocket flushes each frame
 // separately, so frames are encoded here (RFC 6455 §5.2; a server does not
 // mask) and written to the raw socket.
 func (c *conn) writeLoop() {
 	defer c.writers.Done()
-	buf := batchPool.Get().(*frameBatch)
-	defer batchPool.Put(buf)
+	buf := writeBuffers.Get().(*[]byte)
+	defer writeBuffers.Put(buf)
 	m := c.p.metrics
 	for {
 		c.mu.Lock()
@@ -965,11 +937,20 @@ func (c *conn) writeLoop() {
 		c.queue = c.spare[:0]
 		c.mu.Unlock()
 
-		closing, written := buf.encode(batch)
+		b, payload, data, closing := (*buf)[:0], 0, 0, false
+		for _, f := range batch {
+			b = append(appendFrameHeader(b, f.op, len(f.data)), f.data...)
+			payload += len(f.data)
+			if closing = f.op == opClose; closing {
+				break
+			}
+		}
 		c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
-		_, err := buf.iov.WriteTo(c.netConn)
+		_, err := c.netConn.Write(b)
+		if cap(b) <= 1<<20 { // keep a reasonable buffer for the next writer
+			*buf = b
+		}
 		now := time.Now().UnixNano()
-		data := 0
 		for i := range batch {
 			if batch[i].received != 0 {
 				data++
@@ -977,12 +958,12 @@ func (c *conn) writeLoop() {
 			}
 		}
 		m.messagesDown.Add(int64(data))
-		m.bytesDown.Add(int64(written))
+		m.bytesDown.Add(int64(payload))
 		c.down.Add(int64(data))
 		clear(batch)
 
 		c.mu.Lock()
-		c.queued -= written
+		c.queued -= payload
 		if cap(batch) <= 256 {
 			c.spare = batch
 		}
@@ -1007,37 +988,9 @@ func (c *conn) writeLoop() {
 	}
 }
 
-// frameBatch is the writer's scratch space, pooled so that a transient writer
-// allocates nothing per batch.
-type frameBatch struct {
-	headers []byte
-	vecs    net.Buffers
-	iov     net.Buffers // vecs, consumed by WriteTo
-}
-
-var batchPool = sync.Pool{New: func() any { return new(frameBatch) }}
-
-// encode lays out the frames of batch up to and including a close frame. It
-// returns whether a close frame is among them and the payload bytes.
-func (b *frameBatch) encode(batch []outFrame) (closing bool, payload int) {
-	const maxHeader = 10
-	if cap(b.headers) < maxHeader*len(batch) {
-		b.headers = make([]byte, 0, maxHeader*len(batch))
-	}
-	headers, vecs := b.headers[:0], b.vecs[:0]
-	for _, f := range batch {
-		start := len(headers)
-		headers = appendFrameHeader(headers, f.op, len(f.data))
-		vecs = append(vecs, headers[start:], f.data)
-		payload += len(f.data)
-		if f.op == opClose {
-			closing = true
-			break
-		}
-	}
-	b.headers, b.vecs, b.iov = headers, vecs, vecs
-	return closing, payload
-}
+// writeBuffers holds the writers' encoding buffers: a writer exists only
+// while a connection has something to send, so the buffer outlives it here.
+var writeBuffers = sync.Pool{New: func() any { return new([]byte) }}
 
 func appendFrameHeader(b []byte, op byte, n int) []byte {
 	b = append(b, 0x80|op) // FIN: wsproxy never fragments
@@ -1406,58 +1359,51 @@ func (h *histogram) observe(nanos int64) {
 
 func (m *metrics) handle(w http.ResponseWriter, r *http.Request) {
 	var b strings.Builder
-	metric := func(name, kind, help string) { fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind) }
-	labelled := func(name, label string, values map[string]*atomic.Int64) {
-		keys := make([]string, 0, len(values))
-		for k := range values {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
-			fmt.Fprintf(&b, "%s{%s=%q} %d\n", name, label, k, values[k].Load())
+	// write prints one metric: samples are pairs of labels ("" or
+	// `{name="value"}`) and values.
+	write := func(name, kind, help string, samples ...any) {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind)
+		for i := 0; i < len(samples); i += 2 {
+			fmt.Fprintf(&b, "%s%s %v\n", name, samples[i], samples[i+1])
 		}
 	}
-	metric("wsproxy_active_connections", "gauge", "Open WebSocket connections.")
-	fmt.Fprintf(&b, "wsproxy_active_connections %d\n", m.active.Load())
-	metric("wsproxy_connections_total", "counter", "WebSocket handshakes by result.")
-	labelled("wsproxy_connections_total", "result", m.connections)
-	metric("wsproxy_messages_total", "counter", "Messages forwarded; down counts each delivery to a connection.")
-	fmt.Fprintf(&b, "wsproxy_messages_total{direction=\"down\"} %d\nwsproxy_messages_total{direction=\"up\"} %d\n", m.messagesDown.Load(), m.messagesUp.Load())
-	metric("wsproxy_bytes_total", "counter", "Payload bytes forwarded.")
-	fmt.Fprintf(&b, "wsproxy_bytes_total{direction=\"down\"} %d\nwsproxy_bytes_total{direction=\"up\"} %d\n", m.bytesDown.Load(), m.bytesUp.Load())
-	metric("wsproxy_client_errors_total", "counter", "Control errors sent to clients, by code.")
-	labelled("wsproxy_client_errors_total", "code", m.clientErrors)
-	metric("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008 because their queue was full.")
-	fmt.Fprintf(&b, "wsproxy_slow_client_closes_total %d\n", m.slowCloses.Load())
-	metric("wsproxy_redis_connected", "gauge", "1 while the shared subscriber is connected.")
-	fmt.Fprintf(&b, "wsproxy_redis_connected %d\n", m.redisConnected.Load())
-	metric("wsproxy_redis_reconnects_total", "counter", "Times the shared subscriber reconnected after a loss.")
-	fmt.Fprintf(&b, "wsproxy_redis_reconnects_total %d\n", m.redisReconnects.Load())
-	metric("wsproxy_subscribed_channels", "gauge", "Redis channels subscribed.")
-	fmt.Fprintf(&b, "wsproxy_subscribed_channels %d\n", m.subscribedChannels.Load())
-	metric("wsproxy_delivery_latency_seconds", "histogram", "From receipt from Redis to the frame written to the client.")
+	byLabel := func(label string, values map[string]*atomic.Int64) (samples []any) {
+		for _, k := range slices.Sorted(maps.Keys(values)) {
+			samples = append(samples, fmt.Sprintf("{%s=%q}", label, k), values[k].Load())
+		}
+		return samples
+	}
+	write("wsproxy_active_connections", "gauge", "Open WebSocket connections.", "", m.active.Load())
+	write("wsproxy_connections_total", "counter", "WebSocket handshakes by result.", byLabel("result", m.connections)...)
+	write("wsproxy_messages_total", "counter", "Messages forwarded; down counts each delivery to a connection.",
+		`{direction="down"}`, m.messagesDown.Load(), `{direction="up"}`, m.messagesUp.Load())
+	write("wsproxy_bytes_total", "counter", "Payload bytes forwarded.",
+		`{direction="down"}`, m.bytesDown.Load(), `{direction="up"}`, m.bytesUp.Load())
+	write("wsproxy_client_errors_total", "counter", "Control errors sent to clients, by code.", byLabel("code", m.clientErrors)...)
+	write("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008 because their queue was full.", "", m.slowCloses.Load())
+	write("wsproxy_redis_connected", "gauge", "1 while the shared subscriber is connected.", "", m.redisConnected.Load())
+	write("wsproxy_redis_reconnects_total", "counter", "Times the shared subscriber reconnected after a loss.", "", m.redisReconnects.Load())
+	write("wsproxy_subscribed_channels", "gauge", "Redis channels subscribed.", "", m.subscribedChannels.Load())
+	var buckets []any
 	var cumulative int64
-	for i, bound := range m.latency.bounds {
+	for i := range m.latency.counts {
 		cumulative += m.latency.counts[i].Load()
-		fmt.Fprintf(&b, "wsproxy_delivery_latency_seconds_bucket{le=\"%g\"} %d\n", bound, cumulative)
+		le := "+Inf"
+		if i < len(m.latency.bounds) {
+			le = strconv.FormatFloat(m.latency.bounds[i], 'g', -1, 64)
+		}
+		buckets = append(buckets, `_bucket{le="`+le+`"}`, cumulative)
 	}
-	cumulative += m.latency.counts[len(m.latency.bounds)].Load()
-	fmt.Fprintf(&b, "wsproxy_delivery_latency_seconds_bucket{le=\"+Inf\"} %d\n", cumulative)
-	fmt.Fprintf(&b, "wsproxy_delivery_latency_seconds_sum %g\nwsproxy_delivery_latency_seconds_count %d\n", float64(m.latency.sum.Load())/1e9, cumulative)
-
+	write("wsproxy_delivery_latency_seconds", "histogram", "From receipt from Redis to the frame written to the client.",
+		append(buckets, "_sum", float64(m.latency.sum.Load())/1e9, "_count", cumulative)...)
 	var mem runtime.MemStats
 	runtime.ReadMemStats(&mem)
-	metric("go_goroutines", "gauge", "Goroutines that currently exist.")
-	fmt.Fprintf(&b, "go_goroutines %d\n", runtime.NumGoroutine())
-	metric("go_memstats_heap_inuse_bytes", "gauge", "Bytes in in-use heap spans.")
-	fmt.Fprintf(&b, "go_memstats_heap_inuse_bytes %d\n", mem.HeapInuse)
-	metric("go_memstats_stack_inuse_bytes", "gauge", "Bytes in stack spans.")
-	fmt.Fprintf(&b, "go_memstats_stack_inuse_bytes %d\n", mem.StackInuse)
+	write("go_goroutines", "gauge", "Goroutines that currently exist.", "", runtime.NumGoroutine())
+	write("go_memstats_heap_inuse_bytes", "gauge", "Bytes in in-use heap spans.", "", mem.HeapInuse)
+	write("go_memstats_stack_inuse_bytes", "gauge", "Bytes in stack spans.", "", mem.StackInuse)
 	if rss, cpu, ok := processStats(); ok {
-		metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
-		fmt.Fprintf(&b, "process_resident_memory_bytes %d\n", rss)
-		metric("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.")
-		fmt.Fprintf(&b, "process_cpu_seconds_total %g\n", cpu)
+		write("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", "", rss)
+		write("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.", "", cpu)
 	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	io.WriteString(w, b.String())
@@ -1511,15 +1457,6 @@ func headerHasToken(h http.Header, name, token string) bool {
 	return false
 }
 
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
-}
-
 func graceSeconds(cfg *config) int64 {
 	return int64(math.Ceil(cfg.AuthGrace.Seconds()))
 }
@@ -1548,22 +1485,14 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // redacted is the configuration as logged at start-up: no secrets.
-func (c *config) redacted() map[string]any {
-	redisURL := c.RedisURL
+func (c *config) redacted() string {
+	safe := *c
 	if u, err := url.Parse(c.RedisURL); err == nil && u.User != nil {
 		u.User = url.UserPassword(u.User.Username(), "REDACTED")
-		redisURL = u.String()
+		safe.RedisURL = u.String()
 	}
-	secret := ""
-	if c.JWTSecret != "" {
-		secret = "REDACTED"
+	if safe.JWTSecret != "" {
+		safe.JWTSecret = "REDACTED"
 	}
-	return map[string]any{"host": c.Host, "port": c.Port, "redis_url": redisURL, "auth_mode": c.AuthMode, "jwt_secret": secret,
-		"ws_ping_interval": c.PingInterval.String(), "ws_ping_timeout": c.PingTimeout.String(),
-		"shutdown_grace_period": c.ShutdownGrace.String(), "auth_timeout": c.AuthTimeout.String(),
-		"auth_grace_period": c.AuthGrace.String(), "subscribe_timeout": c.SubscribeTimeout.String(),
-		"max_connections": c.MaxConnections, "max_message_size_bytes": c.MaxMessageSize, "max_buffer_size_bytes": c.MaxBufferSize,
-		"idle_timeout": c.IdleTimeout.String(), "stream_end_timeout": c.StreamEndTimeout.String(),
-		"upstream_enabled": c.UpstreamEnabled, "allowed_origins": c.AllowedOrigins,
-		"log_level": c.LogLevel.String(), "log_format": c.LogFormat}
+	return fmt.Sprintf("%+v", safe)
 }

@@ -884,7 +884,7 @@ func TestSubscribeChurnUnderConcurrency(t *testing.T) {
 					errs <- fmt.Errorf("handshake: %d %v", res.status, err)
 					return
 				}
-				if n := r.subscribers("session:"+s[0]+":down"); n != 1 {
+				if n := r.subscribers("session:" + s[0] + ":down"); n != 1 {
 					errs <- fmt.Errorf("open connection, but %d subscribers", n)
 				}
 				c.conn.Close()
@@ -930,7 +930,9 @@ func TestDownForwardingInOrderByteForByte(t *testing.T) {
 	if got := bystander.readText(); got != `"only for the bystander"` {
 		t.Errorf("bystander got %s", got)
 	}
-	eventually(t, "down count", func() bool { return tp.metric(t, `wsproxy_messages_total{direction="down"}`) == float64(2*len(messages)+1) })
+	eventually(t, "down count", func() bool {
+		return tp.metric(t, `wsproxy_messages_total{direction="down"}`) == float64(2*len(messages)+1)
+	})
 }
 
 func TestDownNonUTF8IsBinary(t *testing.T) {
@@ -1458,6 +1460,8 @@ func TestMetricsExposeEverySeries(t *testing.T) {
 	c := tp.connect(t, id, token)
 	r.publish(t, id, `"x"`)
 	c.readText()
+	// The writer counts after its write returns, so possibly after the read.
+	eventually(t, "delivery counted", func() bool { return tp.metric(t, "wsproxy_delivery_latency_seconds_count") == 1 })
 	_, body := tp.get(t, "/metrics")
 	for _, series := range []string{
 		"wsproxy_active_connections 1", `wsproxy_connections_total{result="accepted"} 1`,
