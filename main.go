@@ -964,6 +964,7 @@ func (c *conn) writeLoop() {
 
 		c.mu.Lock()
 		c.queued -= payload
+		c.spare = nil // c.queue may be the old spare: never hand it out twice
 		if cap(batch) <= 256 {
 			c.spare = batch
 		}

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -1474,6 +1475,122 @@ func TestMetricsExposeEverySeries(t *testing.T) {
 	} {
 		if !strings.Contains(body, "\n"+series) {
 			t.Errorf("missing %q", series)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Benchmarks of the hot paths (issue 5): go test -run '^$' -bench . -benchmem
+
+// benchConns returns n connections of one session, open on real loopback
+// sockets whose far ends are read and discarded.
+func benchConns(b *testing.B, n int) (*proxy, []*conn) {
+	cfg, err := loadConfig(func(k string) string { return map[string]string{"MAX_BUFFER_SIZE_BYTES": "1000000000"}[k] })
+	if err != nil {
+		b.Fatal(err)
+	}
+	p := newProxy(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	var conns []*conn
+	for i := 0; i < n; i++ {
+		client, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		server, err := ln.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		go io.Copy(io.Discard, client) // ends when server closes
+		c := &conn{p: p, channel: "session:bench:down", netConn: server, started: true}
+		p.hub.channels[c.channel] = append(p.hub.channels[c.channel], c)
+		conns = append(conns, c)
+		b.Cleanup(func() { c.writers.Wait(); server.Close(); client.Close() })
+	}
+	return p, conns
+}
+
+// BenchmarkDispatch is the Redis reader's work per message for a session
+// with 10 connections, up to queueing (the writers are held back).
+func BenchmarkDispatch(b *testing.B) {
+	p, conns := benchConns(b, 10)
+	for _, c := range conns {
+		c.started = false // queue only
+	}
+	message := []byte(`{"type":"data","payload":"a token of an answer, 64 bytes long...."}`)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		p.hub.dispatch("session:bench:down", message)
+		if i%1024 == 1023 {
+			for _, c := range conns {
+				c.mu.Lock()
+				clear(c.queue)
+				c.queue, c.queued = c.queue[:0], 0
+				c.mu.Unlock()
+			}
+		}
+	}
+}
+
+// BenchmarkWritePath is a message from the dispatcher to the client's
+// socket: queue, writer, frame encoding, write, accounting.
+func BenchmarkWritePath(b *testing.B) {
+	p, conns := benchConns(b, 1)
+	message := []byte(`{"type":"data","payload":"a token of an answer, 64 bytes long...."}`)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(message)))
+	b.ResetTimer()
+	wait := func(n int) { // for the writer to catch up, as a reading client lets it
+		for p.metrics.messagesDown.Load() < int64(n) {
+			runtime.Gosched()
+		}
+	}
+	for i := 0; i < b.N; i++ {
+		p.hub.dispatch("session:bench:down", message)
+		if i%4096 == 4095 {
+			wait(i - 4096)
+		}
+	}
+	wait(b.N)
+	if conns[0].closing {
+		b.Fatalf("the connection closed: %s", conns[0].reason)
+	}
+}
+
+// A burst larger than the socket buffers makes the writer take large
+// batches while the dispatcher keeps queueing: every message must still
+// arrive intact and in order.
+func TestDownBurstKeepsOrder(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	rc, err := redis.DialURL(r.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	const n = 8000
+	pad := strings.Repeat("p", 1000)
+	for i := 0; i < n; i++ {
+		rc.Send("PUBLISH", "session:"+id+":down", fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, i, pad))
+	}
+	if err := rc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		if _, err := rc.Receive(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < n; i++ {
+		if got, want := c.readText(), fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, i, pad); got != want {
+			t.Fatalf("message %d: got %.30q", i, got)
 		}
 	}
 }
