@@ -75,6 +75,9 @@ const (
 	healthTimeout = time.Second
 )
 
+// keepaliveChannel is subscribed by every instance and published to by none.
+const keepaliveChannel = "wsproxy:keepalive"
+
 // ---------------------------------------------------------------------------
 // Configuration
 
@@ -981,7 +984,7 @@ func (c *conn) writeLoop() {
 				// Half-close and give the client closeWait to answer our
 				// close frame; the reader sees its close frame or EOF.
 				tcp.CloseWrite()
-				c.netConn.SetReadDeadline(time.Now().Add(closeWait))
+				time.AfterFunc(closeWait, func() { c.netConn.Close() })
 			}
 			return
 		}
@@ -1168,6 +1171,10 @@ func (h *hub) subscriber(ctx context.Context, reconnect bool) error {
 		return err
 	}
 	psc := &redis.PubSubConn{Conn: rc}
+	// Outside subscribed mode Redis answers PING with a plain reply that
+	// PubSubConn cannot parse; a channel nobody publishes to keeps the
+	// connection subscribed even when no client is connected.
+	psc.Conn.Send("SUBSCRIBE", keepaliveChannel)
 	h.mu.Lock()
 	for channel := range h.channels {
 		psc.Conn.Send("SUBSCRIBE", channel)

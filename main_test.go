@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -601,7 +602,7 @@ func TestHandshakeRefusals(t *testing.T) {
 		}
 		c.conn.Close()
 	}
-	eventually(t, "no subscriptions left", func() bool { return len(fake.SubscribedChannels()) == 0 })
+	eventually(t, "no subscriptions left", func() bool { return len(sessionChannels(fake)) == 0 })
 	if got := tp.metric(t, `wsproxy_connections_total{result="bad_request"}`); got != 5 {
 		t.Errorf("bad_request count %v, want 5", got)
 	}
@@ -1264,7 +1265,7 @@ func TestNoLeaks(t *testing.T) {
 		}
 	}
 	eventually(t, "no connections", func() bool { return tp.metric(t, "wsproxy_active_connections") == 0 })
-	eventually(t, "no subscriptions", func() bool { return len(fake.SubscribedChannels()) == 0 })
+	eventually(t, "no subscriptions", func() bool { return len(sessionChannels(fake)) == 0 })
 	if got := tp.metric(t, "wsproxy_subscribed_channels"); got != 0 {
 		t.Errorf("subscribed_channels %v", got)
 	}
@@ -1592,5 +1593,20 @@ func TestDownBurstKeepsOrder(t *testing.T) {
 		if got, want := c.readText(), fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, i, pad); got != want {
 			t.Fatalf("message %d: got %.30q", i, got)
 		}
+	}
+}
+
+// sessionChannels is what the fake has subscribed, but the keepalive channel.
+func sessionChannels(fake *fakeRedis) []string {
+	return slices.DeleteFunc(fake.SubscribedChannels(), func(c string) bool { return c == keepaliveChannel })
+}
+
+// With no client connected the subscriber is still PINGed, and stays up.
+func TestSubscriberStaysConnectedWhenIdle(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	eventually(t, "two health-check PINGs", func() bool { return fake.CommandCount("PING") >= 2 })
+	if got := tp.metric(t, "wsproxy_redis_reconnects_total"); got != 0 || !tp.p.hub.connected() {
+		t.Errorf("idle subscriber reconnected %v times", got)
 	}
 }
