@@ -318,11 +318,11 @@ func newProxy(cfg *config, log *slog.Logger) *proxy {
 		DialContext: func(ctx context.Context) (redis.Conn, error) { return dialRedis(ctx, cfg) },
 		// A connection that sat idle may have died with a Redis restart:
 		// check it before use, but only then, to keep PUBLISH one round trip.
-		TestOnBorrow: func(c redis.Conn, lastUsed time.Time) error {
-			if time.Since(lastUsed) < time.Second {
+		TestOnBorrowContext: func(ctx context.Context, c redis.Conn, lastUsed time.Time) error {
+			if time.Since(lastUsed) < time.Second && lastUsed.UnixNano() > p.hub.lostAt.Load() {
 				return nil
 			}
-			_, err := c.Do("PING")
+			_, err := redis.DoContext(c, ctx, "PING")
 			return err
 		},
 	}
@@ -1062,6 +1062,7 @@ type hub struct {
 	log     *slog.Logger
 	metrics *metrics
 
+	lostAt   atomic.Int64
 	mu       sync.Mutex
 	psc      *redis.PubSubConn         // nil while Redis is unreachable
 	channels map[string][]*conn        // connections by channel, handshakes included
@@ -1170,6 +1171,10 @@ func (h *hub) subscriber(ctx context.Context, reconnect bool) error {
 	if err != nil {
 		return err
 	}
+	if _, err := redis.DoWithTimeout(rc, redisReadTimeout, "PING"); err != nil {
+		rc.Close()
+		return err
+	}
 	psc := &redis.PubSubConn{Conn: rc}
 	// Outside subscribed mode Redis answers PING with a plain reply that
 	// PubSubConn cannot parse; a channel nobody publishes to keeps the
@@ -1231,6 +1236,7 @@ func (h *hub) subscriber(ctx context.Context, reconnect bool) error {
 	h.mu.Unlock()
 	psc.Close()
 	h.metrics.redisConnected.Store(0)
+	h.lostAt.Store(time.Now().UnixNano())
 	h.log.Warn("redis subscriber lost", "err", err)
 	return err
 }
