@@ -12,6 +12,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"debug/elf"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
@@ -23,10 +24,13 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1609,4 +1613,923 @@ func TestSubscriberStaysConnectedWhenIdle(t *testing.T) {
 	if got := tp.metric(t, "wsproxy_redis_reconnects_total"); got != 0 || !tp.p.hub.connected() {
 		t.Errorf("idle subscriber reconnected %v times", got)
 	}
+}
+
+// ---------------------------------------------------------------------------
+// SPEC §5 (issue 3)
+
+// Issue 3 (SPEC §5): Redis outages, graceful shutdown, several instances and
+// the scratch container, proved by breaking things for real: the fake Redis
+// drops, refuses and freezes connections; a real redis-server is killed and
+// restarted; the built binary is signalled, run twice on one Redis, and run
+// alone under chroot.
+
+// ---------------------------------------------------------------------------
+// Redis outages, against the fake (items 1 to 5)
+
+// Item 1: a subscriber connection that stops answering without being closed
+// (half-open) is noticed by the PING health check within a few seconds, and
+// the proxy says so for as long as Redis stays silent.
+func TestRedisHalfOpenSubscriberDetected(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+
+	fake.Freeze(true)
+	frozen := time.Now()
+	eventually(t, "wsproxy_redis_connected 0", func() bool { return tp.metric(t, "wsproxy_redis_connected") == 0 })
+	// redisPingPeriod is 2 s and redisReadTimeout 5 s.
+	if took := time.Since(frozen); took > 8*time.Second {
+		t.Errorf("half-open subscriber noticed after %v, want within a few seconds", took)
+	}
+	// Redis still accepts TCP connections but answers nothing (a hung or
+	// SIGSTOPped server does the same), so a new subscriber connection is
+	// no proof that Redis is back: the proxy must keep saying it is down.
+	resFor(t, redisReadTimeout+time.Second, func() {
+		if got := tp.metric(t, "wsproxy_redis_connected"); got != 0 {
+			t.Fatalf("wsproxy_redis_connected %v while Redis answers nothing", got)
+		}
+		if status, body := resGetWithin(t, tp.addr, "/ready", 2*time.Second); status != 503 || !strings.Contains(body, "redis_unavailable") {
+			t.Fatalf("/ready while Redis answers nothing: %d %s", status, body)
+		}
+		if status, body := resGetWithin(t, tp.addr, "/health", 2*time.Second); status != 503 {
+			t.Fatalf("/health while Redis answers nothing: %d %s", status, body)
+		}
+	})
+
+	fake.Freeze(false)
+	eventually(t, "ready again", func() bool { status, _ := tp.get(t, "/ready"); return status == 200 })
+	if code := c.controlError(); code != "redis_reconnected" {
+		t.Errorf("after the freeze: %s, want redis_reconnected", code)
+	}
+}
+
+// SPEC §1: /health answers 503 when Redis does not answer a PING within 1 s,
+// so a probe with a short timeout sees 503, not a timeout, when Redis hangs.
+func TestHealthAnswers503PromptlyWhenRedisHangs(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	if status, body := tp.get(t, "/health"); status != 200 {
+		t.Fatalf("/health: %d %s", status, body)
+	}
+	// Health probes come seconds apart: the pooled connection the last
+	// probe used has been idle for longer than a second by the next one.
+	time.Sleep(1100 * time.Millisecond)
+	fake.Freeze(true)
+	start := time.Now()
+	status, body := resGetWithin(t, tp.addr, "/health", 5*time.Second)
+	if took := time.Since(start); status != 503 || took > 1500*time.Millisecond {
+		t.Errorf("/health with Redis hung: %d %s after %v, want 503 within about 1 s", status, body, took.Round(time.Millisecond))
+	}
+	fake.Freeze(false)
+}
+
+// Item 2: the subscriber is dropped and Redis refuses connections for a
+// while. WebSockets stay open, the proxy reports the outage everywhere, and
+// after recovery every channel that still has connections is subscribed
+// again, and only those.
+func TestRedisOutageKeepsConnectionsOpenAndResubscribes(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	a, tokenA := r.session(t)
+	b, tokenB := r.session(t)
+	gone, tokenGone := r.session(t)
+	a1, a2 := tp.connect(t, a, tokenA), tp.connect(t, a, tokenA)
+	b1 := tp.connect(t, b, tokenB)
+	leaver := tp.connect(t, gone, tokenGone)
+	r.publish(t, a, `"before"`)
+	a1.readText()
+	a2.readText()
+
+	fake.RefuseConnections(true)
+	fake.DropConnections()
+	eventually(t, "wsproxy_redis_connected 0", func() bool { return tp.metric(t, "wsproxy_redis_connected") == 0 })
+	if status, body := tp.get(t, "/health"); status != 503 || !strings.Contains(body, `"redis":"disconnected"`) {
+		t.Errorf("/health during the outage: %d %s", status, body)
+	}
+	if status, body := tp.get(t, "/ready"); status != 503 || !strings.Contains(body, `"status":"redis_unavailable"`) {
+		t.Errorf("/ready during the outage: %d %s", status, body)
+	}
+	_, res := tp.dial(t, "/agent-1/ws/"+a, http.Header{"Authorization": {"Bearer " + tokenA}})
+	if res.status != 503 || res.code != "redis_unavailable" {
+		t.Errorf("handshake during the outage: %d %s, want 503 redis_unavailable", res.status, res.body)
+	}
+	a1.sendText(`{"lost":"in the outage"}`)
+	if code := a1.controlError(); code != "publish_failed" {
+		t.Errorf("upstream message during the outage: %s, want publish_failed", code)
+	}
+	leaver.writeFrame(true, opClose, []byte{3, 232}) // its channel must not come back
+	leaver.expectClose(5 * time.Second)
+	eventually(t, "3 connections left", func() bool { return tp.metric(t, "wsproxy_active_connections") == 3 })
+
+	fake.RefuseConnections(false)
+	eventually(t, "wsproxy_redis_connected 1", func() bool { return tp.metric(t, "wsproxy_redis_connected") == 1 })
+	wantChannels := []string{"session:" + a + ":down", "session:" + b + ":down"}
+	slices.Sort(wantChannels)
+	want := strings.Join(wantChannels, " ")
+	eventually(t, "resubscribed to "+want, func() bool { return strings.Join(sessionChannels(fake), " ") == want })
+	if got := tp.metric(t, "wsproxy_redis_reconnects_total"); got < 1 {
+		t.Errorf("wsproxy_redis_reconnects_total %v after a reconnect", got)
+	}
+	if got := tp.metric(t, "wsproxy_subscribed_channels"); got != 2 {
+		t.Errorf("wsproxy_subscribed_channels %v, want 2", got)
+	}
+	if got := tp.metric(t, "wsproxy_active_connections"); got != 3 {
+		t.Errorf("wsproxy_active_connections %v, want 3: the outage closed WebSockets", got)
+	}
+	if status, body := tp.get(t, "/ready"); status != 200 {
+		t.Errorf("/ready after recovery: %d %s", status, body)
+	}
+	for _, c := range []*wsClient{a1, a2, b1} {
+		if code := c.controlError(); code != "redis_reconnected" {
+			t.Errorf("after recovery: %s, want redis_reconnected", code)
+		}
+	}
+	up := r.subscribeUp(t, a)
+	a1.sendText(`{"after":"recovery"}`)
+	select {
+	case got := <-up:
+		if string(got) != `{"after":"recovery"}` {
+			t.Errorf("up after recovery: got %s", got)
+		}
+	case <-time.After(5 * time.Second):
+		t.Errorf("the upstream message after recovery never arrived")
+	}
+	r.publish(t, a, `"after"`)
+	if got := a1.readText(); got != `"after"` {
+		t.Errorf("down after recovery: got %s", got)
+	}
+}
+
+// Item 3: after resubscribing, each open connection is told that messages
+// may have been lost (redis_reconnected) before it receives anything
+// published afterwards.
+func TestRedisReconnectedNoticeComesBeforeNewMessages(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	other, otherToken := r.session(t)
+	clients := []*wsClient{tp.connect(t, id, token), tp.connect(t, id, token), tp.connect(t, other, otherToken)}
+
+	fake.RefuseConnections(true)
+	fake.DropConnections()
+	eventually(t, "subscriber lost", func() bool { return tp.metric(t, "wsproxy_redis_connected") == 0 })
+	if n := fake.Publish("session:"+id+":down", []byte(`"lost"`)); n != 0 {
+		t.Fatalf("published during the outage to %d subscribers", n)
+	}
+	fake.RefuseConnections(false)
+	fake.WaitSubscribers(t, "session:"+id+":down", 1)
+	fake.WaitSubscribers(t, "session:"+other+":down", 1)
+	for i := 0; i < 3; i++ {
+		r.publish(t, id, fmt.Sprintf(`{"seq":%d}`, i))
+		r.publish(t, other, fmt.Sprintf(`{"seq":%d}`, i))
+	}
+	for n, c := range clients {
+		if code := c.controlError(); code != "redis_reconnected" {
+			t.Fatalf("client %d: first frame after recovery is %s, want redis_reconnected", n, code)
+		}
+		for i := 0; i < 3; i++ {
+			if got, want := c.readText(), fmt.Sprintf(`{"seq":%d}`, i); got != want {
+				t.Fatalf("client %d: got %s, want %s", n, got, want)
+			}
+		}
+	}
+	if got := tp.metric(t, `wsproxy_client_errors_total{code="redis_reconnected"}`); got != 3 {
+		t.Errorf(`wsproxy_client_errors_total{code="redis_reconnected"} %v, want 3`, got)
+	}
+}
+
+// Item 4: the service starts while Redis is down, reports it, and becomes
+// ready when Redis comes up. Run as a process: starting is the point.
+func TestServiceStartsWhileRedisDownAndBecomesReady(t *testing.T) {
+	r, fake := fakeTarget(t)
+	id, token := r.session(t)
+	fake.RefuseConnections(true)
+	p := resStartBinary(t, r.url)
+	eventually(t, "listening", func() bool { status, _ := resGet(p.addr, "/ready"); return status != 0 })
+	// Redis accepts TCP connections and closes them at once, as a Redis at
+	// maxclients or a TCP proxy with no Redis behind it does: not ready.
+	resFor(t, 3*time.Second, func() {
+		if status, body := resGetWithin(t, p.addr, "/ready", 2*time.Second); status != 503 || !strings.Contains(body, "redis_unavailable") {
+			t.Fatalf("/ready with Redis down: %d %s", status, body)
+		}
+	})
+	if status, body := resGetWithin(t, p.addr, "/health", 2*time.Second); status != 503 {
+		t.Errorf("/health with Redis down: %d %s", status, body)
+	}
+	if got := resMetric(t, p.addr, "wsproxy_redis_reconnects_total"); got != 0 {
+		t.Errorf("wsproxy_redis_reconnects_total %v while Redis refused every connection: the subscriber was declared connected before Redis answered", got)
+	}
+	_, res := dialWS(t, p.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+	if res.status != 503 || res.code != "redis_unavailable" {
+		t.Errorf("handshake with Redis down: %d %s", res.status, res.body)
+	}
+	if p.hasExited() {
+		t.Fatalf("the proxy exited with Redis down: %v", p.err)
+	}
+
+	fake.RefuseConnections(false)
+	p.waitReady(t)
+	if status, body := resGetWithin(t, p.addr, "/health", 2*time.Second); status != 200 {
+		t.Errorf("/health once Redis is up: %d %s", status, body)
+	}
+	c, res := dialWS(t, p.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+	if c == nil {
+		t.Fatalf("handshake once Redis is up: %d %s", res.status, res.body)
+	}
+	r.publish(t, id, `"hello"`)
+	if got := c.readText(); got != `"hello"` {
+		t.Errorf("got %s", got)
+	}
+}
+
+// Item 5: a handshake waiting for its SUBSCRIBE confirmation when the
+// subscriber connection breaks is answered 503 at once, not after
+// SUBSCRIBE_TIMEOUT_SECS, and leaves no connection, waiter or subscription.
+func TestHandshakeWaitingForSubscriptionFailsWhenRedisBreaks(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r, "SUBSCRIBE_TIMEOUT_SECS=10")
+	id, token := r.session(t)
+	channel := "session:" + id + ":down"
+	fake.HoldSubscribes(true)
+	answered := make(chan handshakeResult, 1)
+	go func() {
+		_, res, err := tryDial(tp.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+		if err != nil {
+			res.body = err.Error()
+		}
+		answered <- res
+	}()
+	fake.WaitSubscribers(t, channel, 1) // its SUBSCRIBE is in; the confirmation is held
+
+	fake.DropConnections()
+	broke := time.Now()
+	select {
+	case res := <-answered:
+		if took := time.Since(broke); res.status != 503 || res.code != "redis_unavailable" || took > 5*time.Second {
+			t.Errorf("handshake: %d %s after %v, want 503 redis_unavailable well before SUBSCRIBE_TIMEOUT_SECS", res.status, res.body, took)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the handshake was not answered")
+	}
+
+	fake.HoldSubscribes(false)
+	eventually(t, "subscriber back", func() bool { return tp.metric(t, "wsproxy_redis_connected") == 1 })
+	eventually(t, "hub empty", func() bool {
+		tp.p.hub.mu.Lock()
+		defer tp.p.hub.mu.Unlock()
+		return len(tp.p.hub.channels) == 0 && len(tp.p.hub.waiting) == 0
+	})
+	if got := sessionChannels(fake); len(got) != 0 {
+		t.Errorf("subscribed after recovery: %v", got)
+	}
+	if got := tp.metric(t, "wsproxy_subscribed_channels"); got != 0 {
+		t.Errorf("wsproxy_subscribed_channels %v, want 0", got)
+	}
+	if got := tp.metric(t, "wsproxy_active_connections"); got != 0 {
+		t.Errorf("wsproxy_active_connections %v, want 0", got)
+	}
+}
+
+// After a short outage Redis is back and /ready says so: the very next
+// handshake and upstream message succeed, rather than failing on pooled
+// connections that died with the old Redis connections.
+func TestFirstRequestsAfterRecoverySucceed(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token) // its GET and EXPIRE leave a pooled connection, just used
+	blip := func() {
+		t.Helper()
+		reconnects := tp.metric(t, "wsproxy_redis_reconnects_total")
+		fake.DropConnections()
+		eventually(t, "subscriber reconnected", func() bool {
+			return tp.metric(t, "wsproxy_redis_reconnects_total") > reconnects && tp.metric(t, "wsproxy_redis_connected") == 1
+		})
+		if status, body := tp.get(t, "/ready"); status != 200 {
+			t.Fatalf("/ready after recovery: %d %s", status, body)
+		}
+		if code := c.controlError(); code != "redis_reconnected" {
+			t.Fatalf("got %s, want redis_reconnected", code)
+		}
+	}
+
+	blip()
+	if d, res := tp.dial(t, "/agent-1/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}); d == nil {
+		t.Errorf("first handshake after recovery: %d %s, want 101", res.status, strings.TrimSpace(res.body))
+	}
+	tp.connect(t, id, token) // leaves a pooled connection, just used
+
+	blip()
+	published := fake.CommandCount("PUBLISH")
+	c.sendText(`{"first":"after recovery"}`)
+	for deadline := time.Now().Add(5 * time.Second); fake.CommandCount("PUBLISH") == published; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			f, err := c.next(time.Second)
+			t.Fatalf("the first upstream message after recovery was not published; the client got %s %v", f.payload, err)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// A real redis-server, killed and restarted
+
+func TestRealRedisRestartKeepsConnectionsOpen(t *testing.T) {
+	server := resStartRedisServer(t)
+	r := &testRedis{url: server.url()}
+	tp := startProxy(t, r)
+	a, tokenA := r.session(t)
+	b, tokenB := r.session(t)
+	clients := []*wsClient{tp.connect(t, a, tokenA), tp.connect(t, a, tokenA), tp.connect(t, b, tokenB)}
+	if n := r.publish(t, a, `"before"`); n != 1 {
+		t.Fatalf("PUBLISH reached %d subscribers, want the proxy's 1", n)
+	}
+	clients[0].readText()
+	clients[1].readText()
+
+	server.kill()
+	eventually(t, "wsproxy_redis_connected 0", func() bool { return tp.metric(t, "wsproxy_redis_connected") == 0 })
+	_, res := tp.dial(t, "/agent-1/ws/"+a, http.Header{"Authorization": {"Bearer " + tokenA}})
+	if res.status != 503 || res.code != "redis_unavailable" {
+		t.Errorf("handshake with Redis killed: %d %s", res.status, res.body)
+	}
+	if status, _ := tp.get(t, "/ready"); status != 503 {
+		t.Errorf("/ready with Redis killed: %d", status)
+	}
+	clients[2].sendText(`{"lost":true}`)
+	if code := clients[2].controlError(); code != "publish_failed" {
+		t.Errorf("upstream with Redis killed: %s, want publish_failed", code)
+	}
+
+	server.start() // empty: the tokens are gone, the open connections are not
+	eventually(t, "wsproxy_redis_connected 1", func() bool { return tp.metric(t, "wsproxy_redis_connected") == 1 })
+	r.waitNumSub(t, "session:"+a+":down", 1)
+	r.waitNumSub(t, "session:"+b+":down", 1)
+	r.publish(t, a, `"after a"`)
+	r.publish(t, b, `"after b"`)
+	for i, c := range clients {
+		if code := c.controlError(); code != "redis_reconnected" {
+			t.Errorf("client %d: %s, want redis_reconnected", i, code)
+		}
+		want := `"after a"`
+		if i == 2 {
+			want = `"after b"`
+		}
+		if got := c.readText(); got != want {
+			t.Errorf("client %d: got %s, want %s", i, got, want)
+		}
+	}
+	if got := tp.metric(t, "wsproxy_redis_reconnects_total"); got < 1 {
+		t.Errorf("wsproxy_redis_reconnects_total %v", got)
+	}
+	id, token := r.session(t)
+	tp.connect(t, id, token) // new handshakes work again
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown, as a process (item 6)
+
+// After SIGTERM the proxy stops taking connections but serves the open ones,
+// and exits as soon as the last one closes, long before the deadline.
+func TestShutdownDrainsUntilLastConnectionCloses(t *testing.T) {
+	r, _ := fakeTarget(t)
+	p := resStartBinary(t, r.url, "SHUTDOWN_GRACE_PERIOD_SECS=20")
+	p.waitReady(t)
+	id, token := r.session(t)
+	auth := http.Header{"Authorization": {"Bearer " + token}}
+	first, _ := dialWS(t, p.addr, "/agent/ws/"+id, auth, true)
+	second, _ := dialWS(t, p.addr, "/agent/ws/"+id, auth, true)
+	if first == nil || second == nil {
+		t.Fatal("handshake refused before shutdown")
+	}
+	eventually(t, "2 active connections", func() bool { return resMetric(t, p.addr, "wsproxy_active_connections") == 2 })
+
+	signalled := p.signal(t, syscall.SIGTERM)
+	eventually(t, "/ready draining", func() bool {
+		status, body := resGet(p.addr, "/ready")
+		return status == 503 && strings.Contains(body, `"status":"draining"`)
+	})
+	if took := time.Since(signalled); took > time.Second {
+		t.Errorf("/ready said draining %v after SIGTERM, want at once", took)
+	}
+	draining := p.waitLog(t, `"draining" record`, func(rec map[string]any) bool { return rec["msg"] == "draining" })
+	if draining["connections"] != 2.0 {
+		t.Errorf("draining log: connections %v, want 2", draining["connections"])
+	}
+	if deadline, err := time.Parse(time.RFC3339Nano, fmt.Sprint(draining["deadline"])); err != nil ||
+		deadline.Sub(signalled.Add(20*time.Second)).Abs() > 2*time.Second {
+		t.Errorf("draining log: deadline %v, want about 20 s after the signal", draining["deadline"])
+	}
+	if _, res := dialWS(t, p.addr, "/agent/ws/"+id, auth, true); res.status != 503 || res.code != "draining" {
+		t.Errorf("handshake while draining: %d %s, want 503 draining", res.status, res.body)
+	}
+	r.publish(t, id, `"during the grace period"`)
+	for _, c := range []*wsClient{first, second} {
+		if got := c.readText(); got != `"during the grace period"` {
+			t.Errorf("got %s", got)
+		}
+	}
+
+	resCloseNormally(t, first)
+	r.publish(t, id, `"still serving"`) // one connection left: not exited yet
+	if got := second.readText(); got != `"still serving"` {
+		t.Errorf("got %s", got)
+	}
+	closed := time.Now()
+	resCloseNormally(t, second)
+	if err := p.waitExit(5 * time.Second); err != nil {
+		t.Fatalf("exit: %v, want status 0", err)
+	}
+	if took := time.Since(closed); took > 3*time.Second {
+		t.Errorf("exited %v after the last connection closed, want at once", took)
+	}
+}
+
+// At the deadline every remaining connection first receives what is queued
+// for it, then close 1001. A client that has read nothing has megabytes
+// queued in the proxy by then, more than the socket buffers hold.
+func TestShutdownDeadlineFlushesQueuesThenCloses1001(t *testing.T) {
+	r, fake := fakeTarget(t)
+	const grace = time.Second
+	p := resStartBinary(t, r.url, "SHUTDOWN_GRACE_PERIOD_SECS=1", "MAX_BUFFER_SIZE_BYTES=67108864")
+	p.waitReady(t)
+	id, token := r.session(t)
+	auth := http.Header{"Authorization": {"Bearer " + token}}
+	stalled, _ := dialWS(t, p.addr, "/agent/ws/"+id, auth, true)
+	reader, _ := dialWS(t, p.addr, "/agent/ws/"+id, auth, true)
+	if stalled == nil || reader == nil {
+		t.Fatal("handshake refused")
+	}
+	const count = 160 // of 64 KiB: 10 MiB
+	payload := strings.Repeat("q", 64<<10)
+	message := func(i int) string { return fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, i, payload) }
+	for i := 0; i < count; i++ {
+		fake.Publish("session:"+id+":down", []byte(message(i)))
+	}
+	// Once the reader has everything, the proxy has queued it all for the
+	// stalled client as well: the hub queues each message for both at once.
+	for i := 0; i < count; i++ {
+		if got := reader.readText(); got != message(i) {
+			t.Fatalf("reader: message %d is %.20s", i, got)
+		}
+	}
+
+	signalled := p.signal(t, syscall.SIGTERM)
+	p.waitLog(t, "grace period over", func(rec map[string]any) bool { return strings.HasPrefix(fmt.Sprint(rec["msg"]), "grace period over") })
+	if took := time.Since(signalled); took < grace-100*time.Millisecond {
+		t.Errorf("connections closed %v after SIGTERM, before the %v grace period", took, grace)
+	}
+	for i := 0; i < count; i++ {
+		f, err := stalled.next(10 * time.Second)
+		if err != nil || f.op != opText || string(f.payload) != message(i) {
+			t.Fatalf("stalled client: message %d: opcode %d %.30q %v, want the queue flushed before the close", i, f.op, f.payload, err)
+		}
+	}
+	for name, c := range map[string]*wsClient{"stalled": stalled, "reader": reader} {
+		if code, reason := c.expectClose(5 * time.Second); code != 1001 {
+			t.Errorf("%s client: close %d %q, want 1001", name, code, reason)
+		}
+		c.conn.Close()
+	}
+	if err := p.waitExit(10 * time.Second); err != nil {
+		t.Errorf("exit: %v, want status 0", err)
+	}
+}
+
+// A second signal skips the wait: every connection is closed with 1001 at
+// once, and the exit status is still 0.
+func TestShutdownSecondSignalClosesAtOnce(t *testing.T) {
+	r, _ := fakeTarget(t)
+	p := resStartBinary(t, r.url, "SHUTDOWN_GRACE_PERIOD_SECS=30")
+	p.waitReady(t)
+	id, token := r.session(t)
+	auth := http.Header{"Authorization": {"Bearer " + token}}
+	var clients []*wsClient
+	for i := 0; i < 3; i++ {
+		c, res := dialWS(t, p.addr, "/agent/ws/"+id, auth, true)
+		if c == nil {
+			t.Fatalf("handshake: %d %s", res.status, res.body)
+		}
+		clients = append(clients, c)
+	}
+	p.signal(t, syscall.SIGTERM)
+	p.waitLog(t, `"draining" record`, func(rec map[string]any) bool { return rec["msg"] == "draining" })
+	second := p.signal(t, syscall.SIGINT)
+	for i, c := range clients {
+		if code, reason := c.expectClose(5 * time.Second); code != 1001 {
+			t.Errorf("client %d: close %d %q, want 1001", i, code, reason)
+		}
+		c.conn.Close()
+	}
+	if took := time.Since(second); took > 2*time.Second {
+		t.Errorf("closed %v after the second signal, want at once", took)
+	}
+	if err := p.waitExit(5 * time.Second); err != nil {
+		t.Errorf("exit: %v, want status 0", err)
+	}
+	p.waitLog(t, "second signal record", func(rec map[string]any) bool { return strings.HasPrefix(fmt.Sprint(rec["msg"]), "second signal") })
+}
+
+// ---------------------------------------------------------------------------
+// Several instances (item 7)
+
+// Two processes on one Redis: both connections of a session receive every
+// message; when one instance stops, its client reconnects to the other with
+// the same token and carries on.
+func TestTwoInstancesShareOneRedis(t *testing.T) {
+	r := resSharedRedis(t)
+	env := []string{"AUTH_GRACE_PERIOD_SECS=60", "SHUTDOWN_GRACE_PERIOD_SECS=1"}
+	stopping, staying := resStartBinary(t, r.url, env...), resStartBinary(t, r.url, env...)
+	stopping.waitReady(t)
+	staying.waitReady(t)
+	id, token := r.session(t)
+	auth := http.Header{"Authorization": {"Bearer " + token}}
+	moving, _ := dialWS(t, stopping.addr, "/agent/ws/"+id, auth, true)
+	fixed, _ := dialWS(t, staying.addr, "/agent/ws/"+id, auth, true)
+	if moving == nil || fixed == nil {
+		t.Fatal("handshake refused")
+	}
+	if n := r.publish(t, id, `{"seq":0}`); n != 2 {
+		t.Fatalf("PUBLISH reached %d subscribers, want one per instance", n)
+	}
+	for i := 1; i < 20; i++ {
+		r.publish(t, id, fmt.Sprintf(`{"seq":%d}`, i))
+	}
+	for _, c := range []*wsClient{moving, fixed} {
+		for i := 0; i < 20; i++ {
+			if got, want := c.readText(), fmt.Sprintf(`{"seq":%d}`, i); got != want {
+				t.Fatalf("got %s, want %s", got, want)
+			}
+		}
+	}
+
+	stopping.signal(t, syscall.SIGTERM)
+	if code, _ := moving.expectClose(5 * time.Second); code != 1001 {
+		t.Errorf("client of the stopped instance: close %d, want 1001", code)
+	}
+	moving.conn.Close()
+	if err := stopping.waitExit(5 * time.Second); err != nil {
+		t.Errorf("stopped instance: %v, want status 0", err)
+	}
+	moved, res := dialWS(t, staying.addr, "/agent/ws/"+id, auth, true)
+	if moved == nil {
+		t.Fatalf("reconnect to the other instance with the same token: %d %s", res.status, res.body)
+	}
+	if n := r.publish(t, id, `"after the move"`); n != 1 {
+		t.Errorf("PUBLISH reached %d subscribers, want the remaining instance's 1", n)
+	}
+	for _, c := range []*wsClient{moved, fixed} {
+		if got := c.readText(); got != `"after the move"` {
+			t.Errorf("got %s", got)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Scratch container (item 8)
+
+// The CGO_ENABLED=0 binary is static and runs alone in an empty root: no
+// /etc, no CA bundle, no libc.
+func TestStaticBinaryRunsInEmptyRoot(t *testing.T) {
+	bin := buildProxy(t)
+	f, err := elf.Open(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, prog := range f.Progs {
+		if prog.Type == elf.PT_INTERP {
+			t.Errorf("the binary has a PT_INTERP program header: it needs a dynamic loader")
+		}
+	}
+	if libs, _ := f.ImportedLibraries(); len(libs) > 0 {
+		t.Errorf("the binary needs shared libraries %v", libs)
+	}
+
+	if os.Geteuid() != 0 {
+		t.Skip("running the binary under chroot needs root")
+	}
+	chroot, err := exec.LookPath("chroot")
+	if err != nil {
+		t.Skip("chroot is not installed")
+	}
+	root := t.TempDir()
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "wsproxy"), data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r, _ := fakeTarget(t)
+	p := resStart(t, chroot, []string{root, "/wsproxy"}, "REDIS_URL="+r.url)
+	p.waitReady(t)
+	if status, body := resGetWithin(t, p.addr, "/health", 2*time.Second); status != 200 {
+		t.Errorf("/health of the chrooted binary: %d %s", status, body)
+	}
+	if entries, _ := os.ReadDir(root); len(entries) != 1 {
+		t.Errorf("the root holds %d entries, want the binary alone", len(entries))
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+// resFor runs check repeatedly for d: the one way to assert that a state
+// holds for a while, which no signal can announce.
+func resFor(t testing.TB, d time.Duration, check func()) {
+	t.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		check()
+	}
+}
+
+// resMetric reads one series from a proxy process's /metrics.
+func resMetric(t testing.TB, addr, series string) float64 {
+	t.Helper()
+	_, body := resGetWithin(t, addr, "/metrics", 5*time.Second)
+	for _, line := range strings.Split(body, "\n") {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			v, err := strconv.ParseFloat(rest, 64)
+			if err != nil {
+				t.Fatalf("metric %s: %v", series, err)
+			}
+			return v
+		}
+	}
+	t.Fatalf("metric %s not found in:\n%s", series, body)
+	return 0
+}
+
+// resGet answers 0 when the server cannot be reached or does not answer
+// within 5 s. It may be called from any goroutine.
+func resGet(addr, path string) (int, string) {
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := client.Get("http://" + addr + path)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// resGetWithin fails the test unless addr answers path within limit.
+func resGetWithin(t testing.TB, addr, path string, limit time.Duration) (int, string) {
+	t.Helper()
+	client := &http.Client{Timeout: limit, Transport: &http.Transport{DisableKeepAlives: true}}
+	start := time.Now()
+	resp, err := client.Get("http://" + addr + path)
+	if err != nil {
+		t.Fatalf("GET %s: no answer after %v: %v", path, time.Since(start).Round(time.Millisecond), err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(body))
+}
+
+// resCloseNormally sends close 1000 and waits for the echo.
+func resCloseNormally(t testing.TB, c *wsClient) {
+	t.Helper()
+	c.writeFrame(true, opClose, binary.BigEndian.AppendUint16(nil, 1000))
+	if code, _ := c.expectClose(5 * time.Second); code != 1000 {
+		t.Errorf("close echoed with %d, want 1000", code)
+	}
+	c.conn.Close()
+}
+
+// resFreePort returns a loopback port that was free a moment ago.
+func resFreePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// resProcess is a proxy binary running on 127.0.0.1:PORT.
+type resProcess struct {
+	addr   string
+	cmd    *exec.Cmd
+	out    *resOutput
+	exited chan struct{} // closed when it has exited
+	err    error         // its exit status, once exited is closed
+}
+
+// resStartBinary runs the built proxy against redisURL with env overriding
+// the defaults below; it is killed at the end of the test.
+func resStartBinary(t testing.TB, redisURL string, env ...string) *resProcess {
+	t.Helper()
+	return resStart(t, buildProxy(t), nil, append([]string{"REDIS_URL=" + redisURL}, env...)...)
+}
+
+// resStart runs name with args and the proxy's environment: no inherited
+// variables, a free port on loopback, JSON logs on stdout, which it collects.
+func resStart(t testing.TB, name string, args []string, env ...string) *resProcess {
+	t.Helper()
+	port := resFreePort(t)
+	cmd := exec.Command(name, args...)
+	cmd.Dir = t.TempDir() // no stray .env
+	cmd.Env = append([]string{"HOST=127.0.0.1", "PORT=" + strconv.Itoa(port), "LOG_FORMAT=json", "LOG_LEVEL=debug"}, env...)
+	p := &resProcess{addr: "127.0.0.1:" + strconv.Itoa(port), cmd: cmd, out: &resOutput{changed: make(chan struct{})}, exited: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.out, p.out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	go func() { // ends when the process does; the cleanup waits for it
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		select {
+		case <-p.exited:
+		case <-time.After(10 * time.Second):
+			t.Errorf("%s (pid %d) still runs after SIGKILL", name, cmd.Process.Pid)
+		}
+		if t.Failed() {
+			t.Logf("%s %v output:\n%s", name, args, p.out)
+		}
+	})
+	return p
+}
+
+// waitReady polls /ready until it answers 200: the proxy announces
+// readiness in no other way.
+func (p *resProcess) waitReady(t testing.TB) {
+	t.Helper()
+	eventually(t, "proxy process ready", func() bool {
+		if p.hasExited() {
+			t.Fatalf("the proxy exited (%v):\n%s", p.err, p.out)
+		}
+		status, _ := resGet(p.addr, "/ready")
+		return status == 200
+	})
+}
+
+func (p *resProcess) signal(t testing.TB, sig syscall.Signal) time.Time {
+	t.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("signal %v: %v", sig, err)
+	}
+	return time.Now()
+}
+
+func (p *resProcess) hasExited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitExit returns the exit status as an error (nil for 0), or an error if
+// the process still runs after limit.
+func (p *resProcess) waitExit(limit time.Duration) error {
+	select {
+	case <-p.exited:
+		return p.err
+	case <-time.After(limit):
+		return fmt.Errorf("still running after %v", limit)
+	}
+}
+
+// waitLog waits for a JSON log record that match accepts, and returns it.
+func (p *resProcess) waitLog(t testing.TB, what string, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		text, changed := p.out.snapshot()
+		for _, line := range strings.Split(text, "\n") {
+			var rec map[string]any
+			if json.Unmarshal([]byte(line), &rec) == nil && match(rec) {
+				return rec
+			}
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("no %s in the proxy's log after 10 s:\n%s", what, text)
+		}
+	}
+}
+
+// resOutput collects a process's output and wakes waiters on each write.
+type resOutput struct {
+	mu      sync.Mutex
+	buf     bytes.Buffer
+	changed chan struct{} // closed and replaced on every write
+}
+
+func (o *resOutput) Write(b []byte) (int, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	close(o.changed)
+	o.changed = make(chan struct{})
+	return o.buf.Write(b)
+}
+
+func (o *resOutput) snapshot() (string, <-chan struct{}) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.buf.String(), o.changed
+}
+
+func (o *resOutput) String() string { text, _ := o.snapshot(); return text }
+
+// resSharedRedis is the Redis two processes share: a redis-server of the
+// test's own when one is installed, else the fake.
+func resSharedRedis(t testing.TB) *testRedis {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Log("redis-server is not installed: the instances share the fake Redis")
+		r, _ := fakeTarget(t)
+		return r
+	}
+	return &testRedis{url: resStartRedisServer(t).url()}
+}
+
+// resRedisServer is a redis-server of the test's own on a free port, which
+// the test can kill and start again on the same port.
+type resRedisServer struct {
+	t      testing.TB
+	path   string
+	port   int
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+// resStartRedisServer starts a throwaway redis-server, or skips the test
+// when none is installed. It is killed at the end of the test.
+func resStartRedisServer(t testing.TB) *resRedisServer {
+	t.Helper()
+	path, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("redis-server is not on PATH (apt-get install redis-server): skipping the real-Redis test")
+	}
+	s := &resRedisServer{t: t, path: path, port: resFreePort(t)}
+	s.start()
+	t.Cleanup(s.kill)
+	return s
+}
+
+func (s *resRedisServer) url() string { return "redis://127.0.0.1:" + strconv.Itoa(s.port) }
+
+// start runs redis-server (without persistence: a restart comes back empty)
+// and waits until it answers PING.
+func (s *resRedisServer) start() {
+	s.t.Helper()
+	s.cmd = exec.Command(s.path, "--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", s.t.TempDir())
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	output := &resOutput{changed: make(chan struct{})}
+	s.cmd.Stdout, s.cmd.Stderr = output, output
+	if err := s.cmd.Start(); err != nil {
+		s.t.Fatalf("redis-server: %v", err)
+	}
+	exited := make(chan struct{})
+	s.exited = exited
+	go func(cmd *exec.Cmd) { cmd.Wait(); close(exited) }(s.cmd) // ends with the process
+	eventually(s.t, "redis-server answering on port "+strconv.Itoa(s.port), func() bool {
+		select {
+		case <-exited:
+			s.t.Fatalf("redis-server exited:\n%s", output)
+		default:
+		}
+		c, err := redis.DialURL(s.url(), redis.DialConnectTimeout(time.Second), redis.DialReadTimeout(time.Second))
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		_, err = c.Do("PING")
+		return err == nil
+	})
+}
+
+// kill stops redis-server with SIGKILL, as a crash would, and waits for it.
+func (s *resRedisServer) kill() {
+	if s.cmd == nil {
+		return
+	}
+	syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-s.exited:
+	case <-time.After(10 * time.Second):
+		s.t.Errorf("redis-server (pid %d) still runs after SIGKILL", s.cmd.Process.Pid)
+	}
+	s.cmd = nil
+}
+
+// TestMain removes the binary that process-level tests build.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildPath != "" {
+		os.RemoveAll(filepath.Dir(buildPath))
+	}
+	os.Exit(code)
 }
