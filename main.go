@@ -313,7 +313,11 @@ type proxy struct {
 func newProxy(cfg *config, log *slog.Logger) *proxy {
 	p := &proxy{cfg: cfg, log: log, mux: http.NewServeMux(), metrics: newMetrics(), closed: make(chan struct{}, 1)}
 	p.pool = &redis.Pool{
-		MaxIdle:     64,
+		// Bounded, so that a burst of handshakes or disconnects queues for
+		// a connection instead of opening thousands of them to Redis.
+		MaxActive:   128,
+		MaxIdle:     128,
+		Wait:        true,
 		IdleTimeout: time.Minute,
 		DialContext: func(ctx context.Context) (redis.Conn, error) { return dialRedis(ctx, cfg) },
 		// A connection that sat idle may have died with a Redis restart:
