@@ -1530,7 +1530,7 @@ func BenchmarkDispatch(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		p.hub.dispatch("session:bench:down", message)
+		p.hub.dispatch("session:bench:down", message, time.Now().UnixNano())
 		if i%1024 == 1023 {
 			for _, c := range conns {
 				c.mu.Lock()
@@ -1556,7 +1556,7 @@ func BenchmarkWritePath(b *testing.B) {
 		}
 	}
 	for i := 0; i < b.N; i++ {
-		p.hub.dispatch("session:bench:down", message)
+		p.hub.dispatch("session:bench:down", message, time.Now().UnixNano())
 		if i%4096 == 4095 {
 			wait(i - 4096)
 		}
