@@ -11,10 +11,12 @@ import (
 	"bytes"
 	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha1"
 	"crypto/sha256"
 	"debug/elf"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,9 +24,12 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strconv"
@@ -35,6 +40,7 @@ import (
 	"time"
 
 	"github.com/gomodule/redigo/redis"
+	"golang.org/x/net/websocket"
 )
 
 // ---------------------------------------------------------------------------
@@ -2314,7 +2320,7 @@ func resFreePort(t testing.TB) int {
 type resProcess struct {
 	addr   string
 	cmd    *exec.Cmd
-	out    *resOutput
+	out    *exOutput
 	exited chan struct{} // closed when it has exited
 	err    error         // its exit status, once exited is closed
 }
@@ -2334,7 +2340,7 @@ func resStart(t testing.TB, name string, args []string, env ...string) *resProce
 	cmd := exec.Command(name, args...)
 	cmd.Dir = t.TempDir() // no stray .env
 	cmd.Env = append([]string{"HOST=127.0.0.1", "PORT=" + strconv.Itoa(port), "LOG_FORMAT=json", "LOG_LEVEL=debug"}, env...)
-	p := &resProcess{addr: "127.0.0.1:" + strconv.Itoa(port), cmd: cmd, out: &resOutput{changed: make(chan struct{})}, exited: make(chan struct{})}
+	p := &resProcess{addr: "127.0.0.1:" + strconv.Itoa(port), cmd: cmd, out: exNewOutput(), exited: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = p.out, p.out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -2419,29 +2425,6 @@ func (p *resProcess) waitLog(t testing.TB, what string, match func(map[string]an
 	}
 }
 
-// resOutput collects a process's output and wakes waiters on each write.
-type resOutput struct {
-	mu      sync.Mutex
-	buf     bytes.Buffer
-	changed chan struct{} // closed and replaced on every write
-}
-
-func (o *resOutput) Write(b []byte) (int, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	close(o.changed)
-	o.changed = make(chan struct{})
-	return o.buf.Write(b)
-}
-
-func (o *resOutput) snapshot() (string, <-chan struct{}) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.buf.String(), o.changed
-}
-
-func (o *resOutput) String() string { text, _ := o.snapshot(); return text }
-
 // resSharedRedis is the Redis two processes share: a redis-server of the
 // test's own when one is installed, else the fake.
 func resSharedRedis(t testing.TB) *testRedis {
@@ -2487,7 +2470,7 @@ func (s *resRedisServer) start() {
 	s.cmd = exec.Command(s.path, "--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", s.t.TempDir())
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	output := &resOutput{changed: make(chan struct{})}
+	output := exNewOutput()
 	s.cmd.Stdout, s.cmd.Stderr = output, output
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("redis-server: %v", err)
@@ -2532,4 +2515,1205 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(filepath.Dir(buildPath))
 	}
 	os.Exit(code)
+}
+
+// ---------------------------------------------------------------------------
+// Examples (issue 4)
+
+// Tests of issue 4: the example programs, the browser client in a real
+// headless Chromium, the FastAPI worker, and the walkthroughs of README.md
+// and examples/README.md run exactly as written. They run real processes
+// (the proxy binary, the example binaries, redis-server, chromium, uvicorn)
+// and skip with a message naming what is missing.
+
+// exWait bounds every single wait in these tests: a process starting, a
+// line appearing, a message arriving.
+const exWait = 20 * time.Second
+
+// exProxyVariables are the proxy's configuration variables. They are removed
+// from the environment of every process these tests start, so a developer's
+// shell cannot change what is tested.
+var exProxyVariables = []string{
+	"HOST", "PORT", "REDIS_URL", "AUTH_MODE", "AUTH_TIMEOUT_SECS", "AUTH_GRACE_PERIOD_SECS", "JWT_SECRET",
+	"WS_PING_INTERVAL_SECS", "WS_PING_TIMEOUT_SECS", "SHUTDOWN_GRACE_PERIOD_SECS", "SUBSCRIBE_TIMEOUT_SECS",
+	"MAX_CONNECTIONS", "MAX_MESSAGE_SIZE_BYTES", "MAX_BUFFER_SIZE_BYTES", "IDLE_TIMEOUT_SECS",
+	"STREAM_END_TIMEOUT_SECS", "UPSTREAM_ENABLED", "ALLOWED_ORIGINS", "LOG_LEVEL", "LOG_FORMAT",
+	"WSPROXY_URL",
+}
+
+// ---------------------------------------------------------------------------
+// The browser client (issue 4 items 6 and 7)
+
+// TestBrowserClient opens examples/browser/index.html in headless Chromium
+// against a real proxy and Redis: a message published to the down channel
+// appears in the page, a message the page sends arrives on the up channel, a
+// message that is not JSON shows the proxy's control error, and when the
+// proxy restarts the page shows the close code and reconnects by itself.
+func TestBrowserClient(t *testing.T) {
+	chromium := exChromiumPath(t)
+	redisURL := exRedisURL(t)
+	bin := exBuild(t)
+	port := resFreePort(t)
+	proxyEnv := []string{"SHUTDOWN_GRACE_PERIOD_SECS=0.2"}
+	proxy := exStartProxy(t, bin, redisURL, port, proxyEnv...)
+
+	sessionID, token := exRandomID("browser"), exRandomID("token")
+	exRedisDo(t, redisURL, "SET", "session:"+sessionID+":auth", token, "EX", 600)
+	up := exSubscribe(t, redisURL, "session:"+sessionID+":up")
+
+	pages := httptest.NewServer(http.FileServer(http.Dir("examples/browser")))
+	t.Cleanup(pages.Close)
+	query := url.Values{
+		"url": {fmt.Sprintf("ws://127.0.0.1:%d", port)}, "agent": {"browser-agent"},
+		"session": {sessionID}, "token": {token}, "autoconnect": {"1"},
+	}
+	page := exOpenPage(t, chromium, pages.URL+"/index.html?"+query.Encode())
+
+	page.waitFor("the connection to open", `document.getElementById("status").dataset.state === "open"`)
+
+	// Down: a published message appears byte for byte, and its payload in
+	// the answer area.
+	down := `{"type":"data","payload":"hello from Redis"}`
+	if receivers := exPublish(t, redisURL, "session:"+sessionID+":down", down); receivers != 1 {
+		t.Fatalf("PUBLISH reached %d subscribers, want 1 (the proxy)", receivers)
+	}
+	page.waitFor("the published message in #log",
+		`[...document.querySelectorAll("#log .msg .body")].some(e => e.textContent === `+exJS(down)+`)`)
+	if got := page.eval(`document.getElementById("stream").textContent`); got != "hello from Redis" {
+		t.Errorf("#stream = %q, want the payload %q", got, "hello from Redis")
+	}
+
+	// Up: what the user sends arrives on the up channel unchanged.
+	outgoing := `{"type":"chat","text":"hi from the browser"}`
+	page.eval(`document.getElementById("outgoing").value = ` + exJS(outgoing) + `; document.getElementById("send").click(); true`)
+	select {
+	case got := <-up:
+		if string(got) != outgoing {
+			t.Fatalf("up channel received %q, want %q", got, outgoing)
+		}
+	case <-time.After(exWait):
+		t.Fatalf("nothing arrived on the up channel; page: %s", page.state())
+	}
+
+	// A message that is not JSON is answered with a control error, shown in the page.
+	page.eval(`document.getElementById("outgoing").value = "not json"; document.getElementById("send").click(); true`)
+	page.waitFor("the invalid_json control error",
+		`[...document.querySelectorAll("#log .control-error .body")].some(e => e.textContent.startsWith("invalid_json"))`)
+
+	// The proxy restarts: the page shows 1001 (going away) and reconnects.
+	if err := proxy.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := proxy.waitExit(exWait); err != nil {
+		t.Fatalf("proxy did not stop cleanly on SIGTERM: %v", err)
+	}
+	page.waitFor("close code 1001", `document.getElementById("close-code").dataset.code === "1001"`)
+	page.waitFor("the page to schedule a reconnection", `document.getElementById("status").dataset.state === "reconnecting"`)
+	exStartProxy(t, bin, redisURL, port, proxyEnv...)
+	page.waitFor("the page to reconnect", `document.getElementById("status").dataset.state === "open"`)
+	again := `{"type":"data","payload":" and hello again"}`
+	if receivers := exPublish(t, redisURL, "session:"+sessionID+":down", again); receivers != 1 {
+		t.Fatalf("after the reconnection PUBLISH reached %d subscribers, want 1", receivers)
+	}
+	page.waitFor("the message published after the reconnection",
+		`[...document.querySelectorAll("#log .msg .body")].some(e => e.textContent === `+exJS(again)+`)`)
+}
+
+// exPage drives one page of a headless Chromium over the DevTools protocol.
+type exPage struct {
+	t      *testing.T
+	ws     *websocket.Conn
+	nextID int
+	events []string // methods of the events received while waiting for replies
+}
+
+// exChromiumPath returns Debian's chromium, or skips the test.
+func exChromiumPath(t *testing.T) string {
+	const debian = "/usr/bin/chromium"
+	if _, err := os.Stat(debian); err == nil {
+		return debian
+	}
+	if path, err := exec.LookPath("chromium"); err == nil {
+		return path
+	}
+	t.Skip("chromium not installed (apt-get install chromium); the browser client is not tested")
+	return ""
+}
+
+// exOpenPage starts a headless Chromium showing pageURL and connects to the
+// page's DevTools endpoint.
+func exOpenPage(t *testing.T, chromium, pageURL string) *exPage {
+	t.Helper()
+	// Removed after Chromium is killed (cleanups run last-registered first).
+	profile, err := os.MkdirTemp("", "ex-chromium-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(profile) })
+
+	const devtoolsOrigin = "http://127.0.0.1"
+	browser := exStart(t, "chromium", profile, exEnv(), nil, chromium,
+		"--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--disable-breakpad", "--user-data-dir="+profile, "--remote-debugging-port=0",
+		"--remote-debugging-address=127.0.0.1", "--remote-allow-origins="+devtoolsOrigin, "about:blank")
+	listening := regexp.MustCompile(`DevTools listening on ws://([0-9.:]+)/`)
+	output := browser.waitOutput(t, "the DevTools address", func(s string) bool { return listening.MatchString(s) })
+	devtools := listening.FindStringSubmatch(output)[1]
+
+	// The blank page Chromium opens is a target of type "page".
+	var target string
+	deadline := time.Now().Add(exWait)
+	for target == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("chromium lists no blank page")
+		}
+		var targets []struct{ Type, URL, WebSocketDebuggerURL string }
+		if response, err := (&http.Client{Timeout: time.Second}).Get("http://" + devtools + "/json/list"); err == nil {
+			json.NewDecoder(response.Body).Decode(&targets)
+			response.Body.Close()
+		}
+		for _, candidate := range targets {
+			if candidate.Type == "page" && candidate.URL == "about:blank" {
+				target = candidate.WebSocketDebuggerURL
+			}
+		}
+		if target == "" {
+			time.Sleep(50 * time.Millisecond) // Chromium offers no event for this before a DevTools connection exists
+		}
+	}
+	config, err := websocket.NewConfig(target, devtoolsOrigin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := websocket.DialConfig(config)
+	if err != nil {
+		t.Fatalf("connecting to chromium's DevTools: %v", err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	page := &exPage{t: t, ws: ws}
+	page.call("Page.enable", map[string]any{})
+	page.call("Page.navigate", map[string]any{"url": pageURL})
+	page.waitEvent("Page.loadEventFired")
+	return page
+}
+
+// call sends one DevTools command and returns its result, skipping events.
+func (p *exPage) call(method string, params any) json.RawMessage {
+	p.t.Helper()
+	p.nextID++
+	id := p.nextID
+	if err := websocket.JSON.Send(p.ws, map[string]any{"id": id, "method": method, "params": params}); err != nil {
+		p.t.Fatalf("DevTools %s: %v", method, err)
+	}
+	p.ws.SetReadDeadline(time.Now().Add(exWait + 10*time.Second))
+	for {
+		var reply struct {
+			ID     int
+			Method string
+			Result json.RawMessage
+			Error  *struct{ Message string }
+		}
+		if err := websocket.JSON.Receive(p.ws, &reply); err != nil {
+			p.t.Fatalf("DevTools %s: %v", method, err)
+		}
+		if reply.ID != id {
+			if reply.Method != "" {
+				p.events = append(p.events, reply.Method)
+			}
+			continue
+		}
+		if reply.Error != nil {
+			p.t.Fatalf("DevTools %s: %s", method, reply.Error.Message)
+		}
+		return reply.Result
+	}
+}
+
+// waitEvent waits for a DevTools event, which may have come already.
+func (p *exPage) waitEvent(method string) {
+	p.t.Helper()
+	p.ws.SetReadDeadline(time.Now().Add(exWait))
+	for {
+		for i, seen := range p.events {
+			if seen == method {
+				p.events = p.events[i+1:]
+				return
+			}
+		}
+		p.events = p.events[:0]
+		var event struct{ Method string }
+		if err := websocket.JSON.Receive(p.ws, &event); err != nil {
+			p.t.Fatalf("waiting for DevTools event %s: %v", method, err)
+		}
+		if event.Method != "" {
+			p.events = append(p.events, event.Method)
+		}
+	}
+}
+
+// eval evaluates a JavaScript expression in the page, awaiting a promise.
+func (p *exPage) eval(expression string) any {
+	p.t.Helper()
+	var result struct {
+		Result           struct{ Value any }
+		ExceptionDetails *struct {
+			Text      string
+			Exception struct{ Description string }
+		}
+	}
+	raw := p.call("Runtime.evaluate", map[string]any{"expression": expression, "awaitPromise": true, "returnByValue": true})
+	if err := json.Unmarshal(raw, &result); err != nil {
+		p.t.Fatal(err)
+	}
+	if result.ExceptionDetails != nil {
+		p.t.Fatalf("evaluating %s: %s %s", expression, result.ExceptionDetails.Text, result.ExceptionDetails.Exception.Description)
+	}
+	return result.Result.Value
+}
+
+// waitFor waits, inside the page, until condition is truthy.
+func (p *exPage) waitFor(what, condition string) {
+	p.t.Helper()
+	expression := fmt.Sprintf(`new Promise(resolve => {
+		const deadline = Date.now() + %d;
+		const check = () => {
+			let value = false;
+			try { value = (%s); } catch (e) {}
+			if (value) resolve(true);
+			else if (Date.now() > deadline) resolve(false);
+			else setTimeout(check, 50);
+		};
+		check();
+	})`, exWait.Milliseconds(), condition)
+	if p.eval(expression) != true {
+		p.t.Fatalf("the page never showed %s; page: %s", what, p.state())
+	}
+}
+
+// state describes the page for failure messages.
+func (p *exPage) state() string {
+	value := p.eval(`JSON.stringify({status: document.getElementById("status").textContent,
+		log: [...document.querySelectorAll("#log li")].map(e => e.textContent)})`)
+	text, _ := value.(string)
+	return text
+}
+
+// exJS quotes s as a JavaScript string literal.
+func exJS(s string) string {
+	quoted, _ := json.Marshal(s)
+	return string(quoted)
+}
+
+// ---------------------------------------------------------------------------
+// The FastAPI worker (issue 4 item 8)
+
+// TestFastAPIWorker runs examples/fastapi_worker with Debian's python3 and
+// drives a session end to end: create it over HTTP, connect a WebSocket
+// client through the proxy, ask over HTTP and receive the streamed tokens and
+// stream_end, then ask and send through the up channel and get the answers.
+func TestFastAPIWorker(t *testing.T) {
+	python := "/usr/bin/python3"
+	if err := exec.Command(python, "-c", "import fastapi, uvicorn, redis.asyncio").Run(); err != nil {
+		t.Skipf("%s cannot import fastapi, uvicorn and redis.asyncio (apt-get install python3-fastapi python3-uvicorn python3-redis): %v", python, err)
+	}
+	redisURL := exRedisURL(t)
+	bin := exBuild(t)
+	proxyPort := resFreePort(t)
+	exStartProxy(t, bin, redisURL, proxyPort)
+	proxyURL := fmt.Sprintf("ws://127.0.0.1:%d", proxyPort)
+
+	workerPort := resFreePort(t)
+	appDir, err := filepath.Abs("examples/fastapi_worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	worker := exStart(t, "fastapi worker", t.TempDir(),
+		exEnv("REDIS_URL="+redisURL, "WSPROXY_URL="+proxyURL, "TOKEN_DELAY_SECS=0.01", "PYTHONDONTWRITEBYTECODE=1"), nil,
+		python, "-m", "uvicorn", "main:app", "--app-dir", appDir, "--host", "127.0.0.1", "--port", strconv.Itoa(workerPort))
+	worker.waitOutput(t, "uvicorn to listen", func(s string) bool { return strings.Contains(s, "Uvicorn running on") })
+	api := fmt.Sprintf("http://127.0.0.1:%d", workerPort)
+
+	var session struct {
+		SessionID string `json:"session_id"`
+		AgentID   string `json:"agent_id"`
+		Token     string `json:"token"`
+		WSURL     string `json:"ws_url"`
+	}
+	exPostJSON(t, api+"/sessions?agent_id=test-agent", "", http.StatusOK, &session)
+	if want := proxyURL + "/test-agent/ws/" + session.SessionID; session.WSURL != want || session.Token == "" || session.AgentID != "test-agent" {
+		t.Fatalf("POST /sessions = %+v, want ws_url %s and a token", session, want)
+	}
+	stored, _ := redis.String(exRedisDo(t, redisURL, "GET", "session:"+session.SessionID+":auth"), nil)
+	if stored != session.Token {
+		t.Fatalf("session:%s:auth holds %q, want the token the worker returned", session.SessionID, stored)
+	}
+
+	config, err := websocket.NewConfig(session.WSURL, "http://localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	config.Header.Set("Authorization", "Bearer "+session.Token)
+	ws, err := websocket.DialConfig(config)
+	if err != nil {
+		t.Fatalf("connecting to %s: %v", session.WSURL, err)
+	}
+	t.Cleanup(func() { ws.Close() })
+
+	// Ask over HTTP; the answer streams down token by token.
+	exPostJSON(t, api+"/sessions/"+session.SessionID+"/ask", `{"prompt":"Why is the sky blue?"}`, http.StatusAccepted, nil)
+	exExpectStream(t, ws, "Why is the sky blue?")
+
+	// Ask through the up channel.
+	if err := websocket.Message.Send(ws, `{"prompt":"And the sunset?"}`); err != nil {
+		t.Fatal(err)
+	}
+	exExpectStream(t, ws, "And the sunset?")
+
+	// Any other message is echoed.
+	if err := websocket.Message.Send(ws, `{"type":"ping","seq":7}`); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := exReceive(t, ws), `{"type":"data","payload":{"echo":{"type":"ping","seq":7}}}`; got != want {
+		t.Fatalf("echo = %s, want %s", got, want)
+	}
+
+	exPostJSON(t, api+"/sessions/no-such-session/ask", `{"prompt":"hello?"}`, http.StatusNotFound, nil)
+
+	// Ctrl+C stops it cleanly: the shutdown handler cancels the listener.
+	worker.cmd.Process.Signal(syscall.SIGINT)
+	if err := worker.waitExit(exWait); err != nil {
+		t.Fatalf("worker after SIGINT: %v", err)
+	}
+	if output := worker.output.String(); !strings.Contains(output, "Application shutdown complete") || strings.Contains(output, "Traceback") {
+		t.Fatalf("worker did not shut down cleanly:\n%s", output)
+	}
+}
+
+// exExpectStream reads one streamed answer: at least two data messages with
+// text payloads that together mention the prompt, then stream_end.
+func exExpectStream(t *testing.T, ws *websocket.Conn, prompt string) {
+	t.Helper()
+	var answer strings.Builder
+	tokens := 0
+	for {
+		raw := exReceive(t, ws)
+		var message struct {
+			Type, Command string
+			Payload       any
+		}
+		if err := json.Unmarshal([]byte(raw), &message); err != nil {
+			t.Fatalf("message %q is not JSON: %v", raw, err)
+		}
+		if message.Type == "control" && message.Command == "stream_end" {
+			break
+		}
+		text, ok := message.Payload.(string)
+		if message.Type != "data" || !ok {
+			t.Fatalf("unexpected message while streaming: %s", raw)
+		}
+		answer.WriteString(text)
+		tokens++
+	}
+	if tokens < 2 || !strings.Contains(answer.String(), prompt) {
+		t.Fatalf("streamed answer %q in %d tokens, want several tokens mentioning %q", answer.String(), tokens, prompt)
+	}
+}
+
+// exReceive reads one text message.
+func exReceive(t *testing.T, ws *websocket.Conn) string {
+	t.Helper()
+	ws.SetReadDeadline(time.Now().Add(exWait))
+	var message string
+	if err := websocket.Message.Receive(ws, &message); err != nil {
+		t.Fatalf("receiving: %v", err)
+	}
+	return message
+}
+
+// exPostJSON posts body and decodes the answer into result when not nil.
+func exPostJSON(t *testing.T, target, body string, wantStatus int, result any) {
+	t.Helper()
+	client := &http.Client{Timeout: exWait}
+	response, err := client.Post(target, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("POST %s: %v", target, err)
+	}
+	defer response.Body.Close()
+	answer, _ := io.ReadAll(response.Body)
+	if response.StatusCode != wantStatus {
+		t.Fatalf("POST %s = %d %s, want %d", target, response.StatusCode, answer, wantStatus)
+	}
+	if result != nil {
+		if err := json.Unmarshal(answer, result); err != nil {
+			t.Fatalf("POST %s answered %s: %v", target, answer, err)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// The Go example programs (issue 4 items 1-4)
+
+// TestExampleClientReassemblesFragmentsAndReportsClose runs ws_bidir_client
+// against a server that splits a message over three frames with a ping
+// between them, sends a control error and closes with code 4000: the client
+// prints the whole message, the control error, the close code and reason,
+// answers the ping and echoes the close code.
+func TestExampleClientReassemblesFragmentsAndReportsClose(t *testing.T) {
+	bin := exBuild(t)
+	type frame struct {
+		opcode  byte
+		payload string
+	}
+	received := make(chan []frame, 1)
+	authorization := make(chan string, 1)
+	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		authorization <- r.Header.Get("Authorization")
+		accept := sha1.Sum([]byte(r.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+		conn, buffered, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(exWait))
+		buffered.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+			"Sec-WebSocket-Accept: " + base64.StdEncoding.EncodeToString(accept[:]) + "\r\n\r\n")
+		exWriteFrame(buffered.Writer, false, 0x1, []byte("frag"))
+		exWriteFrame(buffered.Writer, true, 0x9, []byte("are you there?"))
+		exWriteFrame(buffered.Writer, false, 0x0, []byte("mented "))
+		exWriteFrame(buffered.Writer, true, 0x0, []byte("message"))
+		exWriteFrame(buffered.Writer, true, 0x1, []byte(`{"type":"control","command":"error","code":"invalid_json","message":"messages must be valid JSON"}`))
+		exWriteFrame(buffered.Writer, true, 0x8, append([]byte{0x0f, 0xa0}, "bye"...)) // 4000
+		buffered.Flush()
+		var frames []frame
+		for {
+			opcode, payload, err := exReadClientFrame(buffered.Reader)
+			if err != nil {
+				break
+			}
+			frames = append(frames, frame{opcode, string(payload)})
+			if opcode == 0x8 {
+				break
+			}
+		}
+		received <- frames
+	}))
+	t.Cleanup(server.Close)
+
+	client := exStart(t, "ws_bidir_client", t.TempDir(),
+		exEnv("WSPROXY_URL="+strings.Replace(server.URL, "http://", "ws://", 1)), nil,
+		filepath.Join(bin, "ws_bidir_client"), "-ping-interval", "0", "agent-1", "session-1", "secret-token")
+	if err := client.waitExit(exWait); err != nil {
+		t.Fatalf("ws_bidir_client: %v\n%s", err, client.output)
+	}
+	exExpectLines(t, "ws_bidir_client", client.output.String(), []string{
+		"connecting to ws://127.0.0.1:...",
+		"connected",
+		"received: fragmented message",
+		`control error: code=invalid_json message="messages must be valid JSON"`,
+		`closed: code=4000 reason="bye"`,
+	})
+	if got := <-authorization; got != "Bearer secret-token" {
+		t.Errorf("Authorization header = %q, want the bearer token", got)
+	}
+	select {
+	case frames := <-received:
+		want := []frame{{0xa, "are you there?"}, {0x8, "\x0f\xa0"}}
+		if fmt.Sprint(frames) != fmt.Sprint(want) {
+			t.Errorf("the client sent %v, want a pong with the ping's data and a close frame echoing 4000: %v", frames, want)
+		}
+	case <-time.After(exWait):
+		t.Fatal("the server never saw the client's close frame")
+	}
+}
+
+// TestExamplesRejectBadArguments: each program exits with status 2 and a
+// one-line usage when its arguments are wrong.
+func TestExamplesRejectBadArguments(t *testing.T) {
+	bin := exBuild(t)
+	for _, run := range [][]string{
+		{"auth_token_setter"},
+		{"auth_token_setter", "demo", "token", "soon"},
+		{"auth_token_setter", "bad/session", "token"},
+		{"redis_publisher", "one", "two"},
+		{"redis_publisher", "-interval", "0s"},
+		{"redis_publisher", "-count", "-1"},
+		{"redis_subscriber"},
+		{"redis_subscriber", "a b"},
+		{"ws_bidir_client", "agent-1", "demo"},
+		{"ws_bidir_client", "agent 1", "demo", "token"},
+	} {
+		cmd := exec.Command(filepath.Join(bin, run[0]), run[1:]...)
+		cmd.Env = exEnv("REDIS_URL=redis://127.0.0.1:1", "WSPROXY_URL=ws://127.0.0.1:1")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		err := cmd.Run()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.HasPrefix(stderr.String(), "usage: "+run[0]) {
+			t.Errorf("%q: %v, stderr %q; want exit status 2 and a usage line", run, err, stderr.String())
+		}
+	}
+}
+
+// exWriteFrame writes one unmasked server frame with a short payload.
+func exWriteFrame(w *bufio.Writer, final bool, opcode byte, payload []byte) {
+	first := opcode
+	if final {
+		first |= 0x80
+	}
+	w.Write([]byte{first, byte(len(payload))})
+	w.Write(payload)
+}
+
+// exReadClientFrame reads one masked client frame with a short payload.
+func exReadClientFrame(r *bufio.Reader) (opcode byte, payload []byte, err error) {
+	header := make([]byte, 6)
+	if _, err := io.ReadFull(r, header); err != nil {
+		return 0, nil, err
+	}
+	length := int(header[1] & 0x7f)
+	if header[1]&0x80 == 0 || length > 125 {
+		return 0, nil, errors.New("not a short masked frame")
+	}
+	payload = make([]byte, length)
+	if _, err := io.ReadFull(r, payload); err != nil {
+		return 0, nil, err
+	}
+	for i := range payload {
+		payload[i] ^= header[2+i%4]
+	}
+	return header[0] & 0x0f, payload, nil
+}
+
+// ---------------------------------------------------------------------------
+// The walkthroughs (issue 4 items 5 and 9)
+
+// TestWalkthrough runs the walkthroughs of README.md and examples/README.md
+// exactly as written, against a real proxy and Redis, and checks that each
+// terminal prints what the document says it prints.
+//
+// A document marks its walkthrough with HTML comments, invisible once
+// rendered, each followed by a fenced block where one is expected:
+//
+//	<!-- walkthrough: terminal N -->         commands typed in terminal N, one a line
+//	<!-- walkthrough: terminal N output -->  lines terminal N prints from then on, in order;
+//	                                         "..." stands for any text
+//	<!-- walkthrough: terminal N input -->   lines typed into the program running in terminal N
+//	<!-- walkthrough: terminal N ctrl+c -->  Ctrl+C in terminal N (no block); it must exit with status 0
+//
+// Steps run in document order. A command runs to completion before the next
+// step unless an output block for its terminal follows it directly (then
+// that output is awaited) or it starts the proxy (then /ready is awaited).
+// Commands may be `redis-cli ...`, `curl ...`, `go run .` (the proxy) and
+// `go run ./examples/NAME ...`, with optional VAR=value prefixes and simple
+// shell quoting; anything else fails the test, so a document cannot show a
+// step the test skips. The proxy and the examples run as binaries built
+// once; redis-cli talks to the test's Redis; curl's 127.0.0.1:8080 (or
+// localhost:8080) is the test's proxy. In the output, the test's proxy and
+// Redis addresses read as the defaults (127.0.0.1:8080 and 127.0.0.1:6379).
+func TestWalkthrough(t *testing.T) {
+	for _, document := range []string{"README.md", "examples/README.md"} {
+		t.Run(document, func(t *testing.T) {
+			steps, err := exParseWalkthrough(document)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The documents use fixed ids (session "demo"), so each run gets
+			// a Redis of its own when redis-server is installed.
+			redisURL := ""
+			if _, err := exec.LookPath("redis-server"); err == nil {
+				redisURL = exStartRedis(t)
+			} else {
+				redisURL = exRedisURL(t)
+			}
+			exRunWalkthrough(t, steps, exBuild(t), redisURL)
+		})
+	}
+}
+
+// exStep is one marked step of a walkthrough.
+type exStep struct {
+	line     int    // of the marker, for messages
+	terminal int    // N of "terminal N"
+	kind     string // "commands", "output", "input" or "ctrl+c"
+	lines    []string
+}
+
+var exMarker = regexp.MustCompile(`^<!--\s*walkthrough:\s*terminal\s+(\d+)(?:\s+(output|input|ctrl\+c))?\s*-->$`)
+
+// exParseWalkthrough reads the marked steps of a markdown document.
+func exParseWalkthrough(path string) ([]exStep, error) {
+	text, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(string(text), "\n")
+	var steps []exStep
+	for i := 0; i < len(lines); i++ {
+		if strings.HasPrefix(strings.TrimSpace(lines[i]), "<!--") && strings.Contains(lines[i], "walkthrough") &&
+			!exMarker.MatchString(strings.TrimSpace(lines[i])) {
+			return nil, fmt.Errorf("%s:%d: malformed walkthrough marker %q", path, i+1, lines[i])
+		}
+		match := exMarker.FindStringSubmatch(strings.TrimSpace(lines[i]))
+		if match == nil {
+			continue
+		}
+		step := exStep{line: i + 1, kind: match[2]}
+		step.terminal, _ = strconv.Atoi(match[1])
+		if step.kind == "" {
+			step.kind = "commands"
+		}
+		if step.kind != "ctrl+c" {
+			// The fenced block must follow, after blank lines at most.
+			j := i + 1
+			for j < len(lines) && strings.TrimSpace(lines[j]) == "" {
+				j++
+			}
+			if j == len(lines) || !strings.HasPrefix(lines[j], "```") {
+				return nil, fmt.Errorf("%s:%d: a walkthrough marker must be followed by a fenced block", path, i+1)
+			}
+			for j++; j < len(lines) && !strings.HasPrefix(lines[j], "```"); j++ {
+				line := strings.TrimRight(lines[j], " \t\r")
+				if line == "" || (step.kind == "commands" && strings.HasPrefix(line, "#")) {
+					continue
+				}
+				step.lines = append(step.lines, line)
+			}
+			if j == len(lines) {
+				return nil, fmt.Errorf("%s:%d: unclosed fenced block", path, i+1)
+			}
+			i = j
+		}
+		steps = append(steps, step)
+	}
+	if len(steps) == 0 {
+		return nil, fmt.Errorf("%s has no walkthrough markers (<!-- walkthrough: terminal N --> before a fenced block of commands)", path)
+	}
+	return steps, nil
+}
+
+// exTerminal is what one terminal of a walkthrough shows.
+type exTerminal struct {
+	output  *exOutput
+	running *exProcess // nil when the terminal is at its prompt
+	matched int        // output lines already matched by output blocks
+}
+
+func exRunWalkthrough(t *testing.T, steps []exStep, bin, redisURL string) {
+	proxyPort := resFreePort(t)
+	redisAddress := strings.TrimPrefix(redisURL, "redis://")
+	if u, err := url.Parse(redisURL); err == nil {
+		redisAddress = u.Host
+	}
+	env := exEnv("REDIS_URL="+redisURL, "HOST=127.0.0.1", "PORT="+strconv.Itoa(proxyPort),
+		fmt.Sprintf("WSPROXY_URL=ws://127.0.0.1:%d", proxyPort))
+	// The proxy's address as the test runs it and as the document shows it.
+	toTest := strings.NewReplacer("127.0.0.1:8080", fmt.Sprintf("127.0.0.1:%d", proxyPort), "localhost:8080", fmt.Sprintf("localhost:%d", proxyPort))
+	normalize := strings.NewReplacer(fmt.Sprintf("127.0.0.1:%d", proxyPort), "127.0.0.1:8080", redisAddress, "127.0.0.1:6379")
+	workDir := t.TempDir() // not the repository: no .env file is read by accident
+
+	terminals := map[int]*exTerminal{}
+	terminal := func(n int) *exTerminal {
+		if terminals[n] == nil {
+			terminals[n] = &exTerminal{output: exNewOutput()}
+		}
+		return terminals[n]
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for n, term := range terminals {
+				t.Logf("terminal %d printed:\n%s", n, term.output)
+			}
+		}
+	})
+
+	for i, step := range steps {
+		where := fmt.Sprintf("line %d (terminal %d)", step.line, step.terminal)
+		term := terminal(step.terminal)
+		switch step.kind {
+		case "commands":
+			for k, line := range step.lines {
+				if term.running != nil { // the user waits for the prompt
+					if err := term.running.waitExit(exWait); err != nil {
+						t.Fatalf("%s: before %q: %v (does the document miss a Ctrl+C?)", where, line, err)
+					}
+					term.running = nil
+				}
+				name, path, args, extraEnv, isProxy, err := exCommand(line, bin, redisURL, toTest)
+				if err != nil {
+					t.Fatalf("%s: %v", where, err)
+				}
+				fmt.Fprintf(term.output, "$ %s\n", line)
+				process := exStart(t, name, workDir, append(append([]string(nil), env...), extraEnv...), term.output, path, args...)
+				term.running = process
+				last := k == len(step.lines)-1
+				switch {
+				case isProxy:
+					exWaitReady(t, process, proxyPort)
+				case last && i+1 < len(steps) && steps[i+1].kind == "output" && steps[i+1].terminal == step.terminal:
+					// The output block that follows says when it is ready.
+				default:
+					if err := process.waitExit(exWait); err != nil {
+						t.Fatalf("%s: %q: %v", where, line, err)
+					}
+					term.running = nil
+				}
+			}
+		case "output":
+			deadline := time.After(exWait)
+			for {
+				snapshot, changed := term.output.snapshot()
+				lines := strings.Split(normalize.Replace(snapshot), "\n")
+				if end, ok := exMatchLines(lines[term.matched:], step.lines); ok {
+					term.matched += end
+					break
+				}
+				var exited <-chan struct{}
+				if term.running != nil {
+					exited = term.running.exited
+				}
+				select {
+				case <-changed:
+					continue
+				case <-exited:
+					// Look once more at the output it left, then give up.
+					if final, _ := term.output.snapshot(); final == snapshot {
+						t.Fatalf("%s: the program exited without printing:\n%s", where, strings.Join(step.lines, "\n"))
+					}
+					continue
+				case <-deadline:
+				}
+				t.Fatalf("%s: after %v terminal %d has not printed:\n%s", where, exWait, step.terminal, strings.Join(step.lines, "\n"))
+			}
+			if term.running != nil && exHasExited(term.running) {
+				if term.running.err != nil {
+					t.Fatalf("%s: %s: %v", where, term.running.name, term.running.err)
+				}
+				term.running = nil
+			}
+		case "input":
+			if term.running == nil {
+				t.Fatalf("%s: input for a terminal that runs nothing", where)
+			}
+			for _, line := range step.lines {
+				fmt.Fprintf(term.output, "%s\n", line) // a terminal echoes what is typed
+				if _, err := io.WriteString(term.running.stdin, line+"\n"); err != nil {
+					t.Fatalf("%s: typing into %s: %v", where, term.running.name, err)
+				}
+			}
+		case "ctrl+c":
+			if term.running == nil {
+				t.Fatalf("%s: Ctrl+C in a terminal that runs nothing", where)
+			}
+			term.running.cmd.Process.Signal(syscall.SIGINT)
+			if err := term.running.waitExit(exWait); err != nil {
+				t.Fatalf("%s: %s after Ctrl+C: %v", where, term.running.name, err)
+			}
+			term.running = nil
+		}
+	}
+}
+
+// exAssignment is a VAR=value word before a command.
+var exAssignment = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*=`)
+
+// exCommand maps one walkthrough command to the program the test runs.
+func exCommand(line, bin, redisURL string, proxyAddress *strings.Replacer) (name, path string, args, env []string, isProxy bool, err error) {
+	words, err := exSplitWords(line)
+	if err != nil {
+		return "", "", nil, nil, false, err
+	}
+	for len(words) > 0 && exAssignment.MatchString(words[0]) {
+		env = append(env, words[0])
+		words = words[1:]
+	}
+	switch {
+	case len(words) >= 1 && words[0] == "redis-cli":
+		path, err := exec.LookPath("redis-cli")
+		if err != nil {
+			return "", "", nil, nil, false, fmt.Errorf("redis-cli is not installed")
+		}
+		// --no-raw: print replies as on a terminal ("(integer) 1").
+		return "redis-cli", path, append([]string{"-u", redisURL, "--no-raw"}, words[1:]...), env, false, nil
+	case len(words) >= 1 && words[0] == "curl":
+		path, err := exec.LookPath("curl")
+		if err != nil {
+			return "", "", nil, nil, false, fmt.Errorf("curl is not installed")
+		}
+		args := make([]string, 0, len(words)-1)
+		for _, word := range words[1:] {
+			args = append(args, proxyAddress.Replace(word))
+		}
+		return "curl", path, args, env, false, nil
+	case len(words) >= 3 && words[0] == "go" && words[1] == "run" && words[2] == ".":
+		return "the proxy", filepath.Join(bin, "wsproxy"), words[3:], env, true, nil
+	case len(words) >= 3 && words[0] == "go" && words[1] == "run" && strings.HasPrefix(words[2], "./examples/"):
+		example := strings.TrimPrefix(words[2], "./examples/")
+		if _, err := os.Stat(filepath.Join(bin, example)); err != nil {
+			return "", "", nil, nil, false, fmt.Errorf("%q: no example program %s", line, example)
+		}
+		return example, filepath.Join(bin, example), words[3:], env, false, nil
+	}
+	return "", "", nil, nil, false, fmt.Errorf("%q: the walkthrough test runs only redis-cli, curl, `go run .` and `go run ./examples/NAME`", line)
+}
+
+// exSplitWords splits a command line as a POSIX shell would, for the
+// quoting walkthroughs use: 'single', "double" with \" \\ \$, and \x.
+// Variables, globs, pipes and the like are refused rather than misread.
+func exSplitWords(line string) ([]string, error) {
+	var words []string
+	var word strings.Builder
+	inWord := false
+	for i := 0; i < len(line); i++ {
+		c := line[i]
+		switch {
+		case c == ' ' || c == '\t':
+			if inWord {
+				words = append(words, word.String())
+				word.Reset()
+				inWord = false
+			}
+			continue
+		case c == '\'':
+			end := strings.IndexByte(line[i+1:], '\'')
+			if end < 0 {
+				return nil, fmt.Errorf("%q: unclosed '", line)
+			}
+			word.WriteString(line[i+1 : i+1+end])
+			i += end + 1
+		case c == '"':
+			i++
+			for ; i < len(line) && line[i] != '"'; i++ {
+				if line[i] == '$' || line[i] == '`' {
+					return nil, fmt.Errorf("%q: shell expansions are not supported in walkthroughs", line)
+				}
+				if line[i] == '\\' && i+1 < len(line) && strings.IndexByte(`"\$`+"`", line[i+1]) >= 0 {
+					i++
+				}
+				word.WriteByte(line[i])
+			}
+			if i == len(line) {
+				return nil, fmt.Errorf("%q: unclosed \"", line)
+			}
+		case c == '\\' && i+1 < len(line):
+			i++
+			word.WriteByte(line[i])
+		case strings.IndexByte("$`|&;<>()*?[]{}", c) >= 0 || (c == '~' && !inWord):
+			return nil, fmt.Errorf("%q: %q is not supported in walkthrough commands (quote it)", line, c)
+		default:
+			word.WriteByte(c)
+		}
+		inWord = true
+	}
+	if inWord {
+		words = append(words, word.String())
+	}
+	return words, nil
+}
+
+// exMatchLines finds want, in order, among lines (other lines may come in
+// between); "..." in a wanted line matches any text. It returns how many
+// lines were consumed.
+func exMatchLines(lines, want []string) (consumed int, ok bool) {
+	next := 0
+	for _, pattern := range want {
+		re := exLinePattern(pattern)
+		for next < len(lines) && !re.MatchString(strings.TrimRight(lines[next], " \r")) {
+			next++
+		}
+		if next == len(lines) {
+			return 0, false
+		}
+		next++
+	}
+	return next, true
+}
+
+func exLinePattern(line string) *regexp.Regexp {
+	parts := strings.Split(line, "...")
+	for i, part := range parts {
+		parts[i] = regexp.QuoteMeta(part)
+	}
+	return regexp.MustCompile("^" + strings.Join(parts, ".*") + "$")
+}
+
+// exExpectLines fails unless output contains want in order (see exMatchLines).
+func exExpectLines(t *testing.T, name, output string, want []string) {
+	t.Helper()
+	if _, ok := exMatchLines(strings.Split(output, "\n"), want); !ok {
+		t.Fatalf("%s printed:\n%s\nwant, in order:\n%s", name, output, strings.Join(want, "\n"))
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Processes, Redis and the proxy
+
+// exOutput collects what a process prints and wakes those waiting for more.
+type exOutput struct {
+	mu      sync.Mutex
+	text    bytes.Buffer
+	changed chan struct{} // closed and replaced on every write
+}
+
+func exNewOutput() *exOutput { return &exOutput{changed: make(chan struct{})} }
+
+func (o *exOutput) Write(p []byte) (int, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.text.Write(p)
+	close(o.changed)
+	o.changed = make(chan struct{})
+	return len(p), nil
+}
+
+// snapshot returns the output so far and a channel closed when it grows.
+func (o *exOutput) snapshot() (string, <-chan struct{}) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.text.String(), o.changed
+}
+
+func (o *exOutput) String() string {
+	text, _ := o.snapshot()
+	return text
+}
+
+// exProcess is a program a test started in a process group of its own.
+type exProcess struct {
+	name   string
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	output *exOutput
+	exited chan struct{} // closed when the process has exited
+	err    error         // its exit status, once exited is closed
+}
+
+// exStart starts a program (output to output, or a new exOutput when nil)
+// and kills its whole process group when the test ends.
+func exStart(t *testing.T, name, dir string, env []string, output *exOutput, path string, args ...string) *exProcess {
+	t.Helper()
+	ownOutput := output == nil // else the caller shows the shared output
+	if output == nil {
+		output = exNewOutput()
+	}
+	cmd := exec.Command(path, args...)
+	cmd.Dir, cmd.Env, cmd.Stdout, cmd.Stderr = dir, env, output, output
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.WaitDelay = 2 * time.Second // a child left holding the output pipe must not hang Wait
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	p := &exProcess{name: name, cmd: cmd, stdin: stdin, output: output, exited: make(chan struct{})}
+	go func() { // ends when the process does; the cleanup below waits for it
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		select {
+		case <-p.exited:
+		case <-time.After(exWait):
+			t.Errorf("%s (pid %d) still runs after SIGKILL", name, cmd.Process.Pid)
+		}
+		if t.Failed() && ownOutput {
+			t.Logf("%s printed:\n%s", name, output)
+		}
+	})
+	return p
+}
+
+// waitExit waits up to timeout for the process to exit and returns its
+// exit status as an error (nil for status 0).
+func (p *exProcess) waitExit(timeout time.Duration) error {
+	select {
+	case <-p.exited:
+		return p.err
+	case <-time.After(timeout):
+		return fmt.Errorf("%s still runs after %v", p.name, timeout)
+	}
+}
+
+func exHasExited(p *exProcess) bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitOutput waits until the process's output satisfies done and returns it.
+func (p *exProcess) waitOutput(t *testing.T, what string, done func(string) bool) string {
+	t.Helper()
+	deadline := time.After(exWait)
+	for {
+		text, changed := p.output.snapshot()
+		if done(text) {
+			return text
+		}
+		select {
+		case <-changed:
+		case <-p.exited:
+			if text := p.output.String(); done(text) {
+				return text
+			}
+			t.Fatalf("%s exited (%v) before %s:\n%s", p.name, p.err, what, p.output)
+		case <-deadline:
+			t.Fatalf("%s: no %s after %v:\n%s", p.name, what, exWait, p.output)
+		}
+	}
+}
+
+// exEnv is the environment without the proxy's variables, plus extra.
+func exEnv(extra ...string) []string {
+	var env []string
+	for _, variable := range os.Environ() {
+		name, _, _ := strings.Cut(variable, "=")
+		drop := false
+		for _, proxyVariable := range exProxyVariables {
+			drop = drop || name == proxyVariable
+		}
+		if !drop {
+			env = append(env, variable)
+		}
+	}
+	return append(env, extra...)
+}
+
+// exBuild builds the proxy and the example programs into a temporary
+// directory and returns it.
+func exBuild(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	build := exec.Command("go", "build", "-o", dir+string(filepath.Separator), ".", "./examples/...")
+	if output, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, output)
+	}
+	return dir
+}
+
+func exRandomID(prefix string) string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return prefix + "-" + hex.EncodeToString(b)
+}
+
+// exRedisURL is the Redis under test: WSPROXY_TEST_REDIS_URL, or a
+// redis-server of the test's own.
+func exRedisURL(t *testing.T) string {
+	if redisURL := os.Getenv("WSPROXY_TEST_REDIS_URL"); redisURL != "" {
+		return redisURL
+	}
+	return exStartRedis(t)
+}
+
+// exStartRedis starts a throwaway redis-server, or skips the test.
+func exStartRedis(t *testing.T) string {
+	t.Helper()
+	path, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("redis-server not installed (apt-get install redis-server) and WSPROXY_TEST_REDIS_URL not set")
+	}
+	port := resFreePort(t)
+	server := exStart(t, "redis-server", t.TempDir(), exEnv(), nil, path,
+		"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	server.waitOutput(t, "readiness", func(s string) bool { return strings.Contains(s, "Ready to accept connections") })
+	return fmt.Sprintf("redis://127.0.0.1:%d", port)
+}
+
+// exRedisDo runs one command on its own connection.
+func exRedisDo(t *testing.T, redisURL, command string, args ...any) any {
+	t.Helper()
+	conn, err := redis.DialURL(redisURL, redis.DialConnectTimeout(exWait), redis.DialReadTimeout(exWait))
+	if err != nil {
+		t.Fatalf("Redis at %s: %v", redisURL, err)
+	}
+	defer conn.Close()
+	reply, err := conn.Do(command, args...)
+	if err != nil {
+		t.Fatalf("Redis %s: %v", command, err)
+	}
+	return reply
+}
+
+func exPublish(t *testing.T, redisURL, channel, message string) int {
+	t.Helper()
+	receivers, err := redis.Int(exRedisDo(t, redisURL, "PUBLISH", channel, message), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return receivers
+}
+
+// exSubscribe subscribes to channel and returns the messages published to it.
+func exSubscribe(t *testing.T, redisURL, channel string) <-chan []byte {
+	t.Helper()
+	conn, err := redis.DialURL(redisURL, redis.DialConnectTimeout(exWait))
+	if err != nil {
+		t.Fatalf("Redis at %s: %v", redisURL, err)
+	}
+	psc := redis.PubSubConn{Conn: conn}
+	if err := psc.Subscribe(channel); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := psc.ReceiveWithTimeout(exWait).(redis.Subscription); !ok {
+		t.Fatalf("SUBSCRIBE %s was not confirmed", channel)
+	}
+	messages := make(chan []byte, 100)
+	done := make(chan struct{})
+	go func() { // ends when the cleanup closes the connection
+		defer close(done)
+		for {
+			switch v := psc.Receive().(type) {
+			case redis.Message:
+				select {
+				case messages <- v.Data:
+				default: // nobody is reading any more
+				}
+			case error:
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		psc.Close()
+		<-done
+	})
+	return messages
+}
+
+// exStartProxy runs the proxy binary on 127.0.0.1:port and waits until it is ready.
+func exStartProxy(t *testing.T, bin, redisURL string, port int, extraEnv ...string) *exProcess {
+	t.Helper()
+	env := exEnv(append([]string{"HOST=127.0.0.1", "PORT=" + strconv.Itoa(port), "REDIS_URL=" + redisURL, "LOG_FORMAT=text"}, extraEnv...)...)
+	proxy := exStart(t, "wsproxy", t.TempDir(), env, nil, filepath.Join(bin, "wsproxy"))
+	exWaitReady(t, proxy, port)
+	return proxy
+}
+
+// exWaitReady polls /ready until it answers 200 (the proxy announces
+// readiness in no other way).
+func exWaitReady(t *testing.T, proxy *exProcess, port int) {
+	t.Helper()
+	client := &http.Client{Timeout: time.Second}
+	deadline := time.Now().Add(exWait)
+	for {
+		if response, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/ready", port)); err == nil {
+			response.Body.Close()
+			if response.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if exHasExited(proxy) {
+			t.Fatalf("the proxy exited (%v):\n%s", proxy.err, proxy.output)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy was not ready after %v:\n%s", exWait, proxy.output)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
