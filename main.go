@@ -1087,12 +1087,13 @@ type hub struct {
 	log     *slog.Logger
 	metrics *metrics
 
-	lostAt   atomic.Int64 // UnixNano when the subscriber was last lost
-	heard    atomic.Int64 // UnixNano of the subscriber's last reply
-	mu       sync.Mutex
-	psc      *redis.PubSubConn         // nil while Redis is unreachable
-	channels map[string][]*conn        // connections by channel, handshakes included
-	waiting  map[string][]chan<- error // SUBSCRIBEs sent, oldest first; nil = resubscription
+	lostAt        atomic.Int64 // UnixNano when the subscriber was last lost
+	heard         atomic.Int64 // UnixNano of the subscriber's last reply
+	everConnected bool         // a reconnect is counted as such
+	mu            sync.Mutex
+	psc           *redis.PubSubConn         // nil while Redis is unreachable
+	channels      map[string][]*conn        // connections by channel, handshakes included
+	waiting       map[string][]chan<- error // SUBSCRIBEs sent, oldest first; nil = resubscription
 }
 
 func newHub(cfg *config, log *slog.Logger, m *metrics) *hub {
@@ -1167,9 +1168,9 @@ func (h *hub) eachConn(f func(*conn)) {
 // capped, jittered exponential backoff.
 func (h *hub) run(ctx context.Context) {
 	backoff := reconnectMin
-	for attempt := 0; ctx.Err() == nil; attempt++ {
+	for ctx.Err() == nil {
 		began := time.Now()
-		err := h.subscriber(ctx, attempt > 0)
+		err := h.subscriber(ctx)
 		if ctx.Err() != nil {
 			return
 		}
@@ -1190,7 +1191,7 @@ func (h *hub) run(ctx context.Context) {
 // subscriber is one connected period of the shared PubSubConn: it
 // resubscribes every channel that has connections, then pings it and waits
 // for the receiver to fail (redigo's pub/sub example shape).
-func (h *hub) subscriber(ctx context.Context, reconnect bool) error {
+func (h *hub) subscriber(ctx context.Context) error {
 	dialCtx, cancel := context.WithTimeout(ctx, redisCommandTimeout)
 	// No read timeout: the PING loop below notices silence, which spares a
 	// deadline per message; a large read buffer spares system calls.
@@ -1231,9 +1232,10 @@ func (h *hub) subscriber(ctx context.Context, reconnect bool) error {
 	resubscribed := len(h.channels)
 	h.mu.Unlock()
 	h.metrics.redisConnected.Store(1)
-	if reconnect {
+	if h.everConnected { // owned by run's goroutine
 		h.metrics.redisReconnects.Add(1)
 	}
+	h.everConnected = true
 	h.log.Info("redis subscriber connected", "resubscribed_channels", resubscribed)
 
 	received := make(chan error, 1)

@@ -1848,6 +1848,9 @@ func TestServiceStartsWhileRedisDownAndBecomesReady(t *testing.T) {
 	if got := c.readText(); got != `"hello"` {
 		t.Errorf("got %s", got)
 	}
+	if got := resMetric(t, p.addr, "wsproxy_redis_reconnects_total"); got != 0 {
+		t.Errorf("the first connection was counted as %v reconnects", got)
+	}
 }
 
 // Item 5: a handshake waiting for its SUBSCRIBE confirmation when the
