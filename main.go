@@ -1201,7 +1201,7 @@ func (h *hub) subscriber(ctx context.Context) error {
 			if err != nil {
 				return nil, err
 			}
-			return bufferedConn{c, bufio.NewReaderSize(c, 64<<10)}, nil
+			return &bufferedConn{Conn: c, reader: bufio.NewReaderSize(c, 64<<10)}, nil
 		}))
 	cancel()
 	if err != nil {
@@ -1368,14 +1368,25 @@ func dialRedis(ctx context.Context, cfg *config, options ...redis.DialOption) (r
 		redis.DialWriteTimeout(redisCommandTimeout)}, options...)...)
 }
 
-// bufferedConn reads through a large buffer: redigo's own is 4 KiB, one
-// system call per few messages on a busy subscriber.
+// bufferedConn is the subscriber's socket. It reads through a large buffer
+// (redigo's own is 4 KiB: a system call per few messages on a busy
+// subscriber), and skips the deadline redigo clears before every reply when
+// none is set.
 type bufferedConn struct {
 	net.Conn
-	reader *bufio.Reader
+	reader     *bufio.Reader
+	noDeadline bool // only the receiving goroutine reads and sets deadlines
 }
 
-func (c bufferedConn) Read(p []byte) (int, error) { return c.reader.Read(p) }
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.reader.Read(p) }
+
+func (c *bufferedConn) SetReadDeadline(t time.Time) error {
+	if t.IsZero() && c.noDeadline {
+		return nil
+	}
+	c.noDeadline = t.IsZero()
+	return c.Conn.SetReadDeadline(t)
+}
 
 // ---------------------------------------------------------------------------
 // Metrics, in the Prometheus text format
