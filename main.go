@@ -71,6 +71,8 @@ const (
 	// jitter so that many instances do not hammer a recovering Redis together.
 	reconnectMin = 100 * time.Millisecond
 	reconnectMax = 5 * time.Second
+	// maxWrite is about what one write system call sends to a client.
+	maxWrite = 64 << 10
 	// healthTimeout: /health answers 503 when Redis does not PONG in time.
 	healthTimeout = time.Second
 )
@@ -965,18 +967,22 @@ func (c *conn) writeLoop() {
 		c.queue = c.spare[:0]
 		c.mu.Unlock()
 
-		b, payload, data, closing := (*buf)[:0], 0, 0, false
-		for _, f := range batch {
-			b = append(appendFrameHeader(b, f.op, len(f.data)), f.data...)
-			payload += len(f.data)
-			if closing = f.op == opClose; closing {
-				break
+		// Up to maxWrite bytes a system call: a large batch is written in
+		// pieces, so the buffer is reused rather than allocated each time.
+		var err error
+		payload, data, closing := 0, 0, false
+		for i := 0; i < len(batch) && err == nil && !closing; {
+			b := (*buf)[:0]
+			for ; i < len(batch) && len(b) < maxWrite && !closing; i++ {
+				b = append(appendFrameHeader(b, batch[i].op, len(batch[i].data)), batch[i].data...)
+				payload += len(batch[i].data)
+				closing = batch[i].op == opClose
 			}
-		}
-		c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
-		_, err := c.netConn.Write(b)
-		if cap(b) <= 1<<20 { // keep a reasonable buffer for the next writer
-			*buf = b
+			c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
+			_, err = c.netConn.Write(b)
+			if cap(b) <= 2*maxWrite {
+				*buf = b
+			}
 		}
 		now := time.Now().UnixNano()
 		for i := range batch {
