@@ -821,6 +821,9 @@ func (c *conn) readLoop() error {
 				if len(payload) >= 2 {
 					code = int(binary.BigEndian.Uint16(payload))
 				}
+				if len(payload) == 1 || !(code >= 1000 && code <= 1003 || code >= 1007 && code <= 1014 || code >= 3000 && code <= 4999) {
+					code = 1002 // a code that may not be sent (§7.4.1): protocol error
+				}
 				c.closeWith(code, "", false)
 				return fmt.Errorf("client closed with %d", code)
 			}

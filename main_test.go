@@ -1093,6 +1093,12 @@ func TestClientCloseIsEchoed(t *testing.T) {
 		t.Errorf("echoed code %d, want 4000", code)
 	}
 	eventually(t, "connection gone", func() bool { return tp.metric(t, "wsproxy_active_connections") == 0 })
+	// A code that may not appear on the wire is answered with 1002.
+	c = tp.connect(t, id, token)
+	c.writeFrame(true, opClose, binary.BigEndian.AppendUint16(nil, 1005))
+	if code, _ := c.expectClose(5 * time.Second); code != 1002 {
+		t.Errorf("answer to close 1005: %d, want 1002", code)
+	}
 }
 
 // ---------------------------------------------------------------------------
