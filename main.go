@@ -447,6 +447,9 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	ws := websocket.Server{Handler: func(ws *websocket.Conn) { opened = true; go c.serve(ws) }}
 	ws.ServeHTTP(&hijackCapture{ResponseWriter: w, conn: c}, r)
 	if !opened { // x/net/websocket refused what checkHandshake accepted
+		if c.netConn != nil {
+			c.netConn.Close() // keepOpen kept x/net/websocket from closing it
+		}
 		p.hub.leave(c)
 		p.metrics.connections["bad_request"].Add(1)
 	}
