@@ -4543,3 +4543,25 @@ func TestFakeRedisAuthAndSelect(t *testing.T) {
 	fakeExpectDo(t, conn, "PONG", "PING")
 	fakeCheck(t, "CommandCount(SELECT)", fake.CommandCount("SELECT"), 2)
 }
+
+// A request x/net/websocket itself refuses after wsproxy's checks (two
+// subprotocols offered, none chosen) is answered 400 and leaves nothing.
+func TestHandshakeRefusedByLibraryLeavesNothing(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	start := time.Now()
+	_, res := tp.dial(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}, "Sec-Websocket-Protocol": {"a, b"}})
+	if res.status != 400 {
+		t.Errorf("got %d %s, want 400", res.status, res.body)
+	}
+	if waited := time.Since(start); waited > 10*time.Second { // the body ends when the socket closes
+		t.Errorf("the refused socket stayed open for %v", waited)
+	}
+	eventually(t, "nothing left", func() bool {
+		return len(sessionChannels(fake)) == 0 && tp.p.slots.Load() == 0 && goroutinesIn("wsproxy.(*conn)") == 0
+	})
+	if got := tp.metric(t, `wsproxy_connections_total{result="bad_request"}`); got != 1 {
+		t.Errorf("bad_request count %v", got)
+	}
+}
