@@ -518,7 +518,6 @@ func makeJWT(secret string, header, claims map[string]any) string {
 	return signing + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
 }
 
-
 // ---------------------------------------------------------------------------
 // SPEC §1: endpoints
 
