@@ -322,8 +322,9 @@ func newProxy(cfg *config, log *slog.Logger) *proxy {
 		Wait:        true,
 		IdleTimeout: time.Minute,
 		DialContext: func(ctx context.Context) (redis.Conn, error) { return dialRedis(ctx, cfg) },
-		// A connection that sat idle may have died with a Redis restart:
-		// check it before use, but only then, to keep PUBLISH one round trip.
+		// A connection that sat idle, or that predates a lost subscriber,
+		// may have died with Redis: check it before use, but only then, to
+		// keep PUBLISH one round trip.
 		TestOnBorrowContext: func(ctx context.Context, c redis.Conn, lastUsed time.Time) error {
 			if time.Since(lastUsed) < time.Second && lastUsed.UnixNano() > p.hub.lostAt.Load() {
 				return nil
@@ -708,7 +709,7 @@ type outFrame struct {
 	received int64  // UnixNano when Redis delivered it; 0 for frames wsproxy makes
 }
 
-// conn is one client. Its reader is the HTTP handler's goroutine (readLoop).
+// conn is one client. Its reader is serve's goroutine (readLoop), the only one.
 // Its writer (writeLoop) exists only while frames are queued: send starts it,
 // it writes until the queue is empty and returns, so an idle connection costs
 // a socket, a read buffer and one goroutine. At most one writer runs at a
@@ -740,7 +741,9 @@ type conn struct {
 	writers sync.WaitGroup
 }
 
-// serve runs the open connection on the HTTP handler's goroutine.
+// serve runs the open connection on a goroutine of its own, started by
+// handleWebSocket. It returns when the connection is over, after its writer,
+// and releases the slot that drain waits for.
 func (c *conn) serve(ws *websocket.Conn) {
 	c.ws = ws
 	m := c.p.metrics
