@@ -496,14 +496,16 @@ func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeErro
 // deletes it when the grace period is 0 (a single-use token).
 func (p *proxy) checkRedisToken(ctx context.Context, sessionID, token string) *handshakeError {
 	key := "session:" + sessionID + ":auth"
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.AuthTimeout)
+	// AUTH_TIMEOUT_SECS bounds the whole lookup, not each command.
+	deadline := time.Now().Add(p.cfg.AuthTimeout)
+	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	c, err := p.pool.GetContext(ctx)
 	if err != nil {
 		return redisHandshakeError(err)
 	}
 	defer c.Close()
-	stored, err := redis.Bytes(redis.DoWithTimeout(c, p.cfg.AuthTimeout, "GET", key))
+	stored, err := redis.Bytes(redis.DoWithTimeout(c, time.Until(deadline), "GET", key))
 	if err == redis.ErrNil {
 		return &handshakeError{401, "unknown_session", "no token is stored for this session"}
 	}
@@ -515,7 +517,7 @@ func (p *proxy) checkRedisToken(ctx context.Context, sessionID, token string) *h
 	}
 	if p.cfg.AuthGrace == 0 {
 		// Only one of two racing handshakes deletes the key: the other loses.
-		n, err := redis.Int(redis.DoWithTimeout(c, p.cfg.AuthTimeout, "DEL", key))
+		n, err := redis.Int(redis.DoWithTimeout(c, time.Until(deadline), "DEL", key))
 		if err != nil {
 			return redisHandshakeError(err)
 		}
@@ -524,7 +526,7 @@ func (p *proxy) checkRedisToken(ctx context.Context, sessionID, token string) *h
 		}
 		return nil
 	}
-	if _, err := redis.DoWithTimeout(c, p.cfg.AuthTimeout, "EXPIRE", key, graceSeconds(p.cfg)); err != nil {
+	if _, err := redis.DoWithTimeout(c, time.Until(deadline), "EXPIRE", key, graceSeconds(p.cfg)); err != nil {
 		return redisHandshakeError(err)
 	}
 	return nil
