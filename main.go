@@ -75,6 +75,19 @@ const (
 	maxWrite = 64 << 10
 	// healthTimeout: /health answers 503 when Redis does not PONG in time.
 	healthTimeout = time.Second
+	// readChunk is the most a message grows by before its bytes arrive:
+	// memory follows what a client sent, never the length it claimed.
+	readChunk = 32 << 10
+)
+
+// Plain HTTP requests (health checks, metrics, handshakes) must arrive
+// within httpRequestTimeout, and an idle keep-alive connection is closed
+// after httpIdleTimeout. A WebSocket clears these deadlines once it is
+// upgraded: its own (liveness, writeWait) rule it from then on. Variables
+// only so that tests can shorten them.
+var (
+	httpRequestTimeout = 10 * time.Second
+	httpIdleTimeout    = 60 * time.Second
 )
 
 // keepaliveChannel is subscribed by every instance and published to by none.
@@ -99,6 +112,7 @@ type config struct {
 	MaxConnections   int           // MAX_CONNECTIONS, default 50000
 	MaxMessageSize   int           // MAX_MESSAGE_SIZE_BYTES, default 1 MiB
 	MaxBufferSize    int           // MAX_BUFFER_SIZE_BYTES, default 10 MiB
+	MaxTotalBuffer   int           // MAX_TOTAL_BUFFER_BYTES, default 128 MiB; at least MaxBufferSize
 	IdleTimeout      time.Duration // IDLE_TIMEOUT_SECS, default 0 (off)
 	StreamEndTimeout time.Duration // STREAM_END_TIMEOUT_SECS, default 60; 0 = off
 	UpstreamEnabled  bool          // UPSTREAM_ENABLED, default true
@@ -158,6 +172,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		MaxConnections:   integer("MAX_CONNECTIONS", 50000, 1, math.MaxInt32),
 		MaxMessageSize:   integer("MAX_MESSAGE_SIZE_BYTES", 1<<20, 1, math.MaxInt32),
 		MaxBufferSize:    integer("MAX_BUFFER_SIZE_BYTES", 10<<20, 1, math.MaxInt32),
+		MaxTotalBuffer:   integer("MAX_TOTAL_BUFFER_BYTES", 128<<20, 1, math.MaxInt64),
 		IdleTimeout:      seconds("IDLE_TIMEOUT_SECS", 0, true),
 		StreamEndTimeout: seconds("STREAM_END_TIMEOUT_SECS", 60, true),
 		LogFormat:        str("LOG_FORMAT", "json"),
@@ -187,6 +202,9 @@ func loadConfig(getenv func(string) string) (*config, error) {
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(str("LOG_LEVEL", "info"))); err != nil {
 		fail("LOG_LEVEL", "must be debug, info, warn or error, got %q", getenv("LOG_LEVEL"))
+	}
+	if c.MaxTotalBuffer < c.MaxBufferSize {
+		fail("MAX_TOTAL_BUFFER_BYTES", "must be at least MAX_BUFFER_SIZE_BYTES (%d), got %d", c.MaxBufferSize, c.MaxTotalBuffer)
 	}
 	if c.LogFormat != "json" && c.LogFormat != "text" {
 		fail("LOG_FORMAT", "must be json or text, got %q", c.LogFormat)
@@ -273,8 +291,10 @@ func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
 	go func() { defer close(hubDone); p.hub.run(ctx) }()
 	go p.sweepLoop(ctx) // ends with ctx
 
-	srv := &http.Server{Handler: p, ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	srv := &http.Server{Handler: p, ReadTimeout: httpRequestTimeout, IdleTimeout: httpIdleTimeout,
+		// A handshake may wait for Redis before it writes its 101.
+		WriteTimeout: httpRequestTimeout + cfg.AuthTimeout + cfg.SubscribeTimeout,
+		ErrorLog:     slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	select {
@@ -417,7 +437,8 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := &conn{p: p, id: p.nextID.Add(1), agentID: agentID, sessionID: sessionID,
-		channel: "session:" + sessionID + ":down", opened: time.Now()}
+		channel: "session:" + sessionID + ":down", remote: r.RemoteAddr, opened: time.Now()}
+	c.pingedAt = c.opened // the first ping goes out one interval after the open
 	c.lastData.Store(c.opened.UnixNano())
 	confirmed, err := p.hub.subscribe(c)
 	if err != nil {
@@ -430,7 +451,7 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	case err = <-confirmed:
 	case <-timeout.C:
 		err = errSubscribeTimeout
-	case <-r.Context().Done():
+	case <-r.Context().Done(): // the client left: refuse counts an abort
 		err = r.Context().Err()
 	}
 	if err != nil {
@@ -442,18 +463,16 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
+	if c.netConn, c.reader = upgrade(w, r); c.netConn == nil { // x/net/websocket refused what checkHandshake accepted
+		p.hub.leave(c)
+		p.metrics.connections["bad_request"].Add(1)
+		return
+	}
 	// serve runs on a goroutine of its own, so that this handler returns
 	// and net/http frees what it holds for the request (buffers, a stack
 	// grown deep): a few KiB on every open connection.
-	ws := websocket.Server{Handler: func(ws *websocket.Conn) { opened = true; go c.serve(ws) }}
-	ws.ServeHTTP(&hijackCapture{ResponseWriter: w, conn: c}, r)
-	if !opened { // x/net/websocket refused what checkHandshake accepted
-		if c.netConn != nil {
-			c.netConn.Close() // keepOpen kept x/net/websocket from closing it
-		}
-		p.hub.leave(c)
-		p.metrics.connections["bad_request"].Add(1)
-	}
+	opened = true
+	go c.serve()
 }
 
 // releaseSlot ends a handshake or a connection, and wakes drain, which
@@ -478,8 +497,9 @@ func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeErro
 	if p.cfg.AuthMode == "none" {
 		return nil
 	}
-	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok || token == "" {
+	// The scheme is case-insensitive (RFC 7235 §2.1).
+	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if token = strings.TrimSpace(token); !strings.EqualFold(scheme, "Bearer") || token == "" {
 		token = r.URL.Query().Get("token")
 	}
 	if token == "" {
@@ -589,8 +609,16 @@ func decodeJWTPart(part string, v any) error {
 }
 
 // refuse answers a failed handshake and counts and logs it. Tokens are never
-// logged: only the code, which says what was wrong.
+// logged: only the code, which says what was wrong. A client that went away
+// while its handshake waited is not answered, and not counted as a failure
+// of Redis: it is an abort.
 func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError) {
+	attrs := []any{"agent_id", r.PathValue("agent"), "session_id", r.PathValue("session"), "remote", r.RemoteAddr}
+	if r.Context().Err() != nil {
+		p.metrics.connections["aborted"].Add(1)
+		p.log.Debug("handshake aborted by the client", attrs...)
+		return
+	}
 	result := map[int]string{400: "bad_request", 401: "unauthorized", 403: "forbidden", 503: "unavailable", 504: "timeout"}[e.status]
 	if e.code == "draining" || e.code == "too_many_connections" {
 		result = "rejected"
@@ -600,19 +628,37 @@ func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError
 	if e.status >= 500 {
 		level = slog.LevelWarn
 	}
-	p.log.Log(r.Context(), level, "connection refused", "status", e.status, "code", e.code,
-		"agent_id", r.PathValue("agent"), "session_id", r.PathValue("session"), "remote", r.RemoteAddr)
+	p.log.Log(r.Context(), level, "connection refused", append(attrs, "status", e.status, "code", e.code)...)
+	if r.Header.Get("Sec-WebSocket-Version") != "13" && headerHasToken(r.Header, "Upgrade", "websocket") {
+		w.Header().Set("Sec-WebSocket-Version", "13") // the version we speak (RFC 6455 §4.4)
+	}
 	writeJSON(w, e.status, errorBody(e.code, e.message))
 }
 
-// hijackCapture hands x/net/websocket the connection while keeping the raw
-// socket for conn, which writes its frames straight to it and closes it.
-// net/http hands the hijacker 4 KiB buffers each way: only the 101 response
-// goes through the writer, and client messages are mostly small, so smaller
-// ones save about 7 KiB on every open connection.
+// upgrade lets x/net/websocket answer 101, and returns the raw socket and
+// its reader, or nil if the library refused. From here on conn reads and
+// writes frames itself. net/http hands the hijacker 4 KiB buffers each way:
+// only the 101 goes through the writer, and client messages are mostly
+// small, so smaller ones save about 7 KiB on every open connection.
+func upgrade(w http.ResponseWriter, r *http.Request) (net.Conn, *bufio.Reader) {
+	h := &hijackCapture{ResponseWriter: w}
+	upgraded := false
+	websocket.Server{Handler: func(*websocket.Conn) { upgraded = true }}.ServeHTTP(h, r)
+	if !upgraded {
+		if h.netConn != nil {
+			h.netConn.Close() // keepOpen kept x/net/websocket from closing it
+		}
+		return nil, nil
+	}
+	// Undo net/http's request deadlines: the connection keeps its own.
+	h.netConn.SetDeadline(time.Time{})
+	return h.netConn, h.reader
+}
+
 type hijackCapture struct {
 	http.ResponseWriter
-	conn *conn
+	netConn net.Conn
+	reader  *bufio.Reader
 }
 
 func (h *hijackCapture) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -620,12 +666,11 @@ func (h *hijackCapture) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	h.conn.netConn = netConn
-	reader := rw.Reader
-	if reader.Buffered() == 0 { // else frames arrived with the request: keep them
-		reader = bufio.NewReaderSize(netConn, 512)
+	h.netConn, h.reader = netConn, rw.Reader
+	if rw.Reader.Buffered() == 0 { // else frames arrived with the request: keep them
+		h.reader = bufio.NewReaderSize(netConn, 512)
 	}
-	return keepOpen{netConn}, bufio.NewReadWriter(reader, bufio.NewWriterSize(netConn, 256)), nil
+	return keepOpen{netConn}, bufio.NewReadWriter(h.reader, bufio.NewWriterSize(netConn, 256)), nil
 }
 
 // keepOpen is the socket as x/net/websocket sees it: its Server closes the
@@ -722,9 +767,10 @@ type conn struct {
 	id                 uint64
 	agentID, sessionID string
 	channel            string // session:{id}:down
+	remote             string
 	opened             time.Time
-	ws                 *websocket.Conn
 	netConn            net.Conn
+	reader             *bufio.Reader // read by readLoop alone
 
 	lastData  atomic.Int64 // UnixNano of the last data message either way
 	streamEnd atomic.Int64 // UnixNano of the last stream_end, 0 after data
@@ -734,10 +780,11 @@ type conn struct {
 	mu      sync.Mutex
 	queue   []outFrame
 	spare   []outFrame // the writer's last batch, reused to avoid allocating
-	queued  int        // bytes queued or being written, bounded by MAX_BUFFER_SIZE_BYTES
+	queued  int        // bytes queued or being written but the close frame's; also in metrics.queuedBytes
 	started bool       // 101 is written: frames may go out
 	writing bool       // a writeLoop is running
 	closing bool       // a close frame is queued, or the socket is done: no more frames
+	dropped bool       // what was queued when closing is discarded, even the batch being written
 	warned  bool       // the 80% warning was logged
 	reason  string     // why the connection closes, for the log
 	writers sync.WaitGroup
@@ -746,13 +793,11 @@ type conn struct {
 // serve runs the open connection on a goroutine of its own, started by
 // handleWebSocket. It returns when the connection is over, after its writer,
 // and releases the slot that drain waits for.
-func (c *conn) serve(ws *websocket.Conn) {
-	c.ws = ws
+func (c *conn) serve() {
 	m := c.p.metrics
 	m.active.Add(1)
 	m.connections["accepted"].Add(1)
-	c.log(slog.LevelInfo, "connection open", "remote", ws.Request().RemoteAddr)
-	ws.Request().Header = nil // x/net/websocket keeps the request; the headers are done with
+	c.log(slog.LevelInfo, "connection open", "remote", c.remote)
 	c.mu.Lock()
 	c.started = true
 	c.kick()
@@ -773,6 +818,9 @@ func (c *conn) serve(ws *websocket.Conn) {
 	}
 	c.writers.Wait()
 	c.netConn.Close()
+	c.mu.Lock()
+	c.account(-c.queued) // what was never written
+	c.mu.Unlock()
 	m.active.Add(-1)
 	c.p.releaseSlot()
 	if c.p.cfg.AuthMode == "redis" && c.p.cfg.AuthGrace > 0 {
@@ -787,75 +835,48 @@ var (
 	errRedisUnavailable = errors.New("redis unavailable")
 )
 
-// readLoop reads frames until the connection ends. x/net/websocket's Receive
-// returns single frames and hides pongs and close codes, so it reads frames
-// itself: it reassembles fragmented messages (browsers split those over
-// about 128 KiB) and applies MAX_MESSAGE_SIZE_BYTES to the whole message.
+// readLoop reads frames until the connection ends. It answers pings,
+// reassembles fragmented messages (browsers split those over about 128 KiB)
+// and applies MAX_MESSAGE_SIZE_BYTES to the whole message.
 func (c *conn) readLoop() error {
-	cfg := c.p.cfg
 	var message []byte
 	var messageOp byte // opcode of the message being assembled; 0 = none
 	tooLarge := false
-	var header [14]byte
 	for {
-		// Liveness: anything read, even a pong, proves the peer is there.
-		c.ws.SetReadDeadline(time.Now().Add(cfg.PingInterval + cfg.PingTimeout))
-		frame, err := c.ws.NewFrameReader()
+		c.stillAlive()
+		h, err := readFrameHeader(c.reader)
 		if err != nil {
 			return err
 		}
-		n, _ := io.ReadFull(frame.HeaderReader(), header[:])
-		fin, rsv, masked := header[0]&0x80 != 0, header[0]&0x70 != 0, header[1]&0x80 != 0
-		size := int64(frame.Len() - n)
-		op := frame.PayloadType()
-		control, data := op == opClose || op == opPing || op == opPong, op <= opBinary
-		if !masked || rsv || size < 0 || !(control || data) || (control && (!fin || size > 125)) ||
-			(data && (op == opContinuation) == (messageOp == 0)) {
-			// RFC 6455 §5: clients mask; no extension was negotiated;
-			// control frames are short and whole; a continuation
-			// continues a message and nothing else interrupts one.
+		if problem := h.violation(messageOp != 0); problem != "" {
 			c.closeWith(1002, "protocol error", true)
-			return errors.New("protocol error")
+			return errors.New("protocol error: " + problem)
 		}
-		if control {
-			payload := make([]byte, size)
-			if _, err := io.ReadFull(frame, payload); err != nil {
+		if h.op >= opClose {
+			var buf [125]byte
+			payload, err := c.readPayload(buf[:0], h, false)
+			if err != nil {
 				return err
 			}
-			if op == opPing {
-				c.send(outFrame{op: opPong, data: payload})
-			} else if op == opClose {
-				code := 1000 // echo the client's code (§5.5.1); none given means normal
-				if len(payload) >= 2 {
-					code = int(binary.BigEndian.Uint16(payload))
-				}
-				if len(payload) == 1 || !(code >= 1000 && code <= 1003 || code >= 1007 && code <= 1014 || code >= 3000 && code <= 4999) {
-					code = 1002 // a code that may not be sent (§7.4.1): protocol error
-				}
-				c.closeWith(code, "", false)
-				return fmt.Errorf("client closed with %d", code)
+			if err := c.handleControl(h.op, payload); err != nil {
+				return err
 			}
 			continue
 		}
-		if op != opContinuation {
-			messageOp, message, tooLarge = op, message[:0], false
+		if h.op != opContinuation {
+			messageOp, message, tooLarge = h.op, message[:0], false
 		}
-		if tooLarge || int64(len(message))+size > int64(cfg.MaxMessageSize) {
-			tooLarge = true
-			if _, err := io.Copy(io.Discard, frame); err != nil {
-				return err
-			}
-		} else {
-			start := len(message)
-			message = append(message, make([]byte, size)...)
-			if _, err := io.ReadFull(frame, message[start:]); err != nil {
-				return err
-			}
+		// Both terms are below 2^63 (violation), so the sum cannot overflow.
+		tooLarge = tooLarge || uint64(len(message))+h.length > uint64(c.p.cfg.MaxMessageSize)
+		if message, err = c.readPayload(message, h, tooLarge); err != nil {
+			return err
 		}
-		if !fin {
+		if !h.fin {
 			continue
 		}
-		c.handleMessage(messageOp, message, tooLarge)
+		if err := c.handleMessage(messageOp, message, tooLarge); err != nil {
+			return err
+		}
 		messageOp = 0
 		if cap(message) > 64<<10 { // do not hold a large buffer on an idle connection
 			message = nil
@@ -863,24 +884,138 @@ func (c *conn) readLoop() error {
 	}
 }
 
+// stillAlive pushes the read deadline on: anything read, even a pong, proves
+// the peer is there (liveness).
+func (c *conn) stillAlive() {
+	c.netConn.SetReadDeadline(time.Now().Add(c.p.cfg.PingInterval + c.p.cfg.PingTimeout))
+}
+
+// frameHeader is what precedes a frame's payload (RFC 6455 §5.2).
+type frameHeader struct {
+	fin, rsv, masked bool
+	op               byte
+	length           uint64
+	mask             [4]byte
+}
+
+func readFrameHeader(r io.Reader) (h frameHeader, err error) {
+	var b [8]byte
+	if _, err = io.ReadFull(r, b[:2]); err != nil {
+		return h, err
+	}
+	h.fin, h.rsv, h.op = b[0]&0x80 != 0, b[0]&0x70 != 0, b[0]&0x0f
+	h.masked, h.length = b[1]&0x80 != 0, uint64(b[1]&0x7f)
+	switch h.length {
+	case 126:
+		_, err = io.ReadFull(r, b[:2])
+		h.length = uint64(binary.BigEndian.Uint16(b[:2]))
+	case 127:
+		_, err = io.ReadFull(r, b[:8])
+		h.length = binary.BigEndian.Uint64(b[:8])
+	}
+	if err == nil && h.masked {
+		_, err = io.ReadFull(r, h.mask[:])
+	}
+	return h, err
+}
+
+// violation says how a client's frame breaks RFC 6455, or "" when it does
+// not. inMessage: a fragmented message is being assembled.
+func (h frameHeader) violation(inMessage bool) string {
+	switch {
+	case !h.masked:
+		return "unmasked frame" // §5.1: clients mask every frame
+	case h.rsv:
+		return "reserved bits set" // §5.2: no extension was negotiated
+	case h.length >= 1<<63:
+		return "payload length with its most significant bit set" // §5.2
+	case h.op == opClose || h.op == opPing || h.op == opPong:
+		if !h.fin || h.length > 125 {
+			return "fragmented or long control frame" // §5.5
+		}
+	case h.op > opBinary:
+		return "reserved opcode" // §5.2
+	case h.op == opContinuation && !inMessage:
+		return "continuation without a message" // §5.4
+	case h.op != opContinuation && inMessage:
+		return "new message inside a fragmented one" // §5.4
+	}
+	return ""
+}
+
+// readPayload reads a frame's payload and appends it to b, unmasked, or
+// discards it. It reads at most readChunk bytes at a time, so b grows with
+// the bytes that arrive, never with the length the header claims.
+func (c *conn) readPayload(b []byte, h frameHeader, discard bool) ([]byte, error) {
+	for pos := uint64(0); pos < h.length; {
+		c.stillAlive()
+		n := int(min(h.length-pos, readChunk))
+		if discard {
+			if _, err := io.CopyN(io.Discard, c.reader, int64(n)); err != nil {
+				return b, err
+			}
+			pos += uint64(n)
+			continue
+		}
+		start := len(b)
+		b = slices.Grow(b, n)[:start+n]
+		got, err := io.ReadFull(c.reader, b[start:])
+		for i := range got { // RFC 6455 §5.3
+			b[start+i] ^= h.mask[(pos+uint64(i))%4]
+		}
+		b, pos = b[:start+got], pos+uint64(got)
+		if err != nil {
+			return b, err
+		}
+	}
+	return b, nil
+}
+
+// handleControl answers a ping with a pong, and a close with a close (RFC
+// 6455 §5.5.1), which ends the connection: it returns why.
+func (c *conn) handleControl(op byte, payload []byte) error {
+	switch op {
+	case opPing:
+		c.send(outFrame{op: opPong, data: bytes.Clone(payload)})
+	case opClose:
+		code := 1000 // echo the client's code; none given means normal
+		if len(payload) >= 2 {
+			code = int(binary.BigEndian.Uint16(payload))
+		}
+		switch {
+		case len(payload) == 1 || !(code >= 1000 && code <= 1003 || code >= 1007 && code <= 1014 || code >= 3000 && code <= 4999):
+			code = 1002 // a code that may not be sent (§7.4.1): protocol error
+		case !utf8.Valid(payload[min(2, len(payload)):]):
+			code = 1007 // the reason must be UTF-8 (§5.5.1, §8.1)
+		}
+		c.closeWith(code, "", false)
+		return fmt.Errorf("client closed, answered %d", code)
+	}
+	return nil
+}
+
 // handleMessage publishes one whole client message upstream, or answers it
-// with a control error; the connection stays open either way.
-func (c *conn) handleMessage(op byte, message []byte, tooLarge bool) {
+// with a control error and keeps the connection open. A text message that
+// is not UTF-8 fails the connection instead (RFC 6455 §8.1).
+func (c *conn) handleMessage(op byte, message []byte, tooLarge bool) error {
 	cfg, m := c.p.cfg, c.p.metrics
 	switch {
-	case !cfg.UpstreamEnabled:
-		c.sendError("upstream_disabled", "this server does not forward client messages")
 	case tooLarge:
 		c.sendError("message_too_large", "messages are limited to "+strconv.Itoa(cfg.MaxMessageSize)+" bytes")
 	case op == opBinary:
 		c.sendError("binary_not_supported", "send JSON in text frames")
-	case !json.Valid(message) || !utf8.Valid(message):
+	case !utf8.Valid(message):
+		c.closeWith(1007, "invalid UTF-8", true)
+		return errors.New("invalid UTF-8 in a text message")
+	case !cfg.UpstreamEnabled:
+		c.sendError("upstream_disabled", "this server does not forward client messages")
+	case !json.Valid(message):
 		c.sendError("invalid_json", "messages must be valid JSON")
 	default:
 		if err := c.p.publish("session:"+c.sessionID+":up", message); err != nil {
 			c.log(slog.LevelWarn, "publish failed", "err", err)
 			c.sendError("publish_failed", "the message could not be delivered to Redis")
-			return
+			return nil
 		}
 		m.messagesUp.Add(1)
 		m.bytesUp.Add(int64(len(message)))
@@ -888,6 +1023,7 @@ func (c *conn) handleMessage(op byte, message []byte, tooLarge bool) {
 		c.lastData.Store(time.Now().UnixNano())
 		c.streamEnd.Store(0)
 	}
+	return nil
 }
 
 func (c *conn) sendError(code, message string) {
@@ -897,28 +1033,44 @@ func (c *conn) sendError(code, message string) {
 }
 
 // send queues a frame for the writer. It never blocks, because the Redis
-// reader calls it: a connection whose queue would pass MAX_BUFFER_SIZE_BYTES
-// is closed with 1008 instead of being waited for.
+// reader calls it. A connection is closed with 1008 instead of being waited
+// for when its queue would pass MAX_BUFFER_SIZE_BYTES, or when it is behind
+// and all queues together would pass MAX_TOTAL_BUFFER_BYTES: a client that
+// keeps up (nothing queued) is never closed for the others.
 func (c *conn) send(f outFrame) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closing {
 		return
 	}
-	limit := c.p.cfg.MaxBufferSize
-	if c.queued+len(f.data) > limit {
-		c.p.metrics.slowCloses.Add(1)
-		c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit)
+	cfg, n := c.p.cfg, len(f.data)
+	limit, bound := "", 0
+	switch {
+	case c.queued+n > cfg.MaxBufferSize:
+		limit, bound = "connection", cfg.MaxBufferSize
+	case c.queued > 0 && c.p.metrics.queuedBytes.Load()+int64(n) > int64(cfg.MaxTotalBuffer):
+		limit, bound = "total", cfg.MaxTotalBuffer
+	}
+	if limit != "" {
+		c.p.metrics.slowCloses[limit].Add(1)
+		c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit, "limit_bytes", bound)
 		c.closeLocked(1008, "client too slow", true)
 		return
 	}
 	c.queue = append(c.queue, f)
-	c.queued += len(f.data)
-	if !c.warned && c.queued > limit/5*4 {
+	c.account(n)
+	if !c.warned && c.queued > cfg.MaxBufferSize/5*4 {
 		c.warned = true
-		c.log(slog.LevelWarn, "client is falling behind", "queued_bytes", c.queued, "limit", limit)
+		c.log(slog.LevelWarn, "client is falling behind", "queued_bytes", c.queued, "limit_bytes", cfg.MaxBufferSize)
 	}
 	c.kick()
+}
+
+// account adds n (negative: written or dropped) to the bytes queued, for
+// this connection and for all of them. c.mu is held.
+func (c *conn) account(n int) {
+	c.queued += n
+	c.p.metrics.queuedBytes.Add(int64(n))
 }
 
 // closeWith queues a close frame after what is queued, or instead of it when
@@ -937,13 +1089,13 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 	if c.reason == "" {
 		c.reason = reason
 	}
-	if drop {
-		for i := range c.queue {
-			c.queued -= len(c.queue[i].data)
-		}
+	if drop { // the writer abandons its batch too, at its next write
 		clear(c.queue)
 		c.queue = c.queue[:0]
+		c.account(-c.queued)
+		c.dropped = true
 	}
+	// The close frame is not counted in c.queued: it is the last frame.
 	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
 	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)})
 	c.kick()
@@ -958,15 +1110,13 @@ func (c *conn) kick() {
 	}
 }
 
-// writeLoop writes what is queued, a batch at a time: all the frames of a
-// batch go out in one system call. x/net/websocket flushes each frame
-// separately, so frames are encoded here (RFC 6455 §5.2; a server does not
-// mask) and written to the raw socket.
+// writeLoop writes what is queued, a batch at a time. x/net/websocket
+// flushes each frame separately, so frames are encoded here (RFC 6455 §5.2;
+// a server does not mask) and written to the raw socket.
 func (c *conn) writeLoop() {
 	defer c.writers.Done()
 	buf := writeBuffers.Get().(*[]byte)
 	defer writeBuffers.Put(buf)
-	m := c.p.metrics
 	for {
 		c.mu.Lock()
 		batch := c.queue
@@ -976,44 +1126,17 @@ func (c *conn) writeLoop() {
 			return
 		}
 		c.queue = c.spare[:0]
+		c.spare = nil // c.queue may be the old spare: never hand it out twice
 		c.mu.Unlock()
 
-		// Up to maxWrite bytes a system call: a large batch is written in
-		// pieces, so the buffer is reused rather than allocated each time.
-		var err error
-		payload, data, closing := 0, 0, false
-		for i := 0; i < len(batch) && err == nil && !closing; {
-			b := (*buf)[:0]
-			for ; i < len(batch) && len(b) < maxWrite && !closing; i++ {
-				b = append(appendFrameHeader(b, batch[i].op, len(batch[i].data)), batch[i].data...)
-				payload += len(batch[i].data)
-				closing = batch[i].op == opClose
-			}
-			c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
-			_, err = c.netConn.Write(b)
-			if cap(b) <= 2*maxWrite {
-				*buf = b
-			}
-		}
-		now := time.Now().UnixNano()
-		for i := range batch {
-			if batch[i].received != 0 {
-				data++
-				m.latency.observe(now - batch[i].received)
-			}
-		}
-		m.messagesDown.Add(int64(data))
-		m.bytesDown.Add(int64(payload))
-		c.down.Add(int64(data))
+		closed, err := c.writeBatch(batch, buf)
 		clear(batch)
 
 		c.mu.Lock()
-		c.queued -= payload
-		c.spare = nil // c.queue may be the old spare: never hand it out twice
 		if cap(batch) <= 256 {
 			c.spare = batch
 		}
-		if err != nil || closing {
+		if err != nil || closed {
 			c.closing = true
 			if err != nil && c.reason == "" {
 				c.reason = "write: " + err.Error()
@@ -1032,6 +1155,52 @@ func (c *conn) writeLoop() {
 		}
 		c.mu.Unlock()
 	}
+}
+
+// writeBatch writes frames in pieces of up to maxWrite bytes, one system
+// call each, so the buffer is reused rather than allocated for large
+// batches. It stops after the close frame, and abandons the batch when the
+// connection was dropped meanwhile (its close frame is queued next).
+func (c *conn) writeBatch(batch []outFrame, buf *[]byte) (closed bool, err error) {
+	m := c.p.metrics
+	for i := 0; i < len(batch) && !closed; {
+		b, counted, start := (*buf)[:0], 0, i
+		for ; i < len(batch) && len(b) < maxWrite && !closed; i++ {
+			b = append(appendFrameHeader(b, batch[i].op, len(batch[i].data)), batch[i].data...)
+			if closed = batch[i].op == opClose; !closed {
+				counted += len(batch[i].data)
+			}
+		}
+		c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
+		_, err = c.netConn.Write(b)
+		if cap(b) <= 2*maxWrite {
+			*buf = b
+		}
+		if err != nil {
+			return closed, err
+		}
+		now := time.Now().UnixNano()
+		data, payload := 0, 0
+		for _, f := range batch[start:i] {
+			if f.received != 0 {
+				data, payload = data+1, payload+len(f.data)
+				m.latency.observe(now - f.received)
+			}
+		}
+		m.messagesDown.Add(int64(data))
+		m.bytesDown.Add(int64(payload))
+		c.down.Add(int64(data))
+		c.mu.Lock()
+		dropped := c.dropped
+		if !dropped {
+			c.account(-counted)
+		}
+		c.mu.Unlock()
+		if dropped && !closed {
+			return false, nil
+		}
+	}
+	return closed, nil
 }
 
 // writeBuffers holds the writers' encoding buffers: a writer exists only
@@ -1416,7 +1585,8 @@ type metrics struct {
 	messagesUp         atomic.Int64
 	bytesDown          atomic.Int64
 	bytesUp            atomic.Int64
-	slowCloses         atomic.Int64
+	slowCloses         map[string]*atomic.Int64 // by limit: connection or total
+	queuedBytes        atomic.Int64             // over all connections, bounded by MAX_TOTAL_BUFFER_BYTES
 	redisConnected     atomic.Int64
 	redisReconnects    atomic.Int64
 	subscribedChannels atomic.Int64
@@ -1424,9 +1594,12 @@ type metrics struct {
 }
 
 func newMetrics() *metrics {
-	m := &metrics{connections: map[string]*atomic.Int64{}, clientErrors: map[string]*atomic.Int64{}}
-	for _, r := range []string{"accepted", "bad_request", "unauthorized", "forbidden", "unavailable", "timeout", "rejected"} {
+	m := &metrics{connections: map[string]*atomic.Int64{}, clientErrors: map[string]*atomic.Int64{}, slowCloses: map[string]*atomic.Int64{}}
+	for _, r := range []string{"accepted", "bad_request", "unauthorized", "forbidden", "unavailable", "timeout", "rejected", "aborted"} {
 		m.connections[r] = new(atomic.Int64)
+	}
+	for _, l := range []string{"connection", "total"} {
+		m.slowCloses[l] = new(atomic.Int64)
 	}
 	for _, c := range []string{"invalid_json", "message_too_large", "binary_not_supported", "publish_failed", "upstream_disabled", "redis_reconnected"} {
 		m.clientErrors[c] = new(atomic.Int64)
@@ -1474,7 +1647,8 @@ func (m *metrics) handle(w http.ResponseWriter, r *http.Request) {
 	write("wsproxy_bytes_total", "counter", "Payload bytes forwarded.",
 		`{direction="down"}`, m.bytesDown.Load(), `{direction="up"}`, m.bytesUp.Load())
 	write("wsproxy_client_errors_total", "counter", "Control errors sent to clients, by code.", byLabel("code", m.clientErrors)...)
-	write("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008 because their queue was full.", "", m.slowCloses.Load())
+	write("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008, by the limit their queue would have passed.", byLabel("limit", m.slowCloses)...)
+	write("wsproxy_queued_bytes", "gauge", "Bytes queued for clients over all connections.", "", m.queuedBytes.Load())
 	write("wsproxy_redis_connected", "gauge", "1 while the shared subscriber is connected.", "", m.redisConnected.Load())
 	write("wsproxy_redis_reconnects_total", "counter", "Times the shared subscriber reconnected after a loss.", "", m.redisReconnects.Load())
 	write("wsproxy_subscribed_channels", "gauge", "Redis channels subscribed.", "", m.subscribedChannels.Load())

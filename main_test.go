@@ -259,6 +259,7 @@ type handshakeResult struct {
 	status int
 	body   string
 	code   string // the "error" field of the body
+	header http.Header
 }
 
 // dial sends a WebSocket handshake with extra headers. It returns the client
@@ -283,7 +284,17 @@ func dialWS(t testing.TB, addr, path string, header http.Header, upgrade bool) (
 
 // tryDial is dialWS for goroutines other than the test's.
 func tryDial(addr, path string, header http.Header, upgrade bool) (*wsClient, handshakeResult, error) {
-	nc, err := net.Dial("tcp", addr)
+	return tryDialWith(&net.Dialer{}, addr, path, header, upgrade)
+}
+
+// smallBuffer dials with a 4 KiB receive buffer, so that a client that
+// stops reading stops taking bytes almost at once.
+var smallBuffer = &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+	return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+}}
+
+func tryDialWith(d *net.Dialer, addr, path string, header http.Header, upgrade bool) (*wsClient, handshakeResult, error) {
+	nc, err := d.Dial("tcp", addr)
 	if err != nil {
 		return nil, handshakeResult{}, err
 	}
@@ -313,10 +324,10 @@ func tryDial(addr, path string, header http.Header, upgrade bool) (*wsClient, ha
 		nc.Close()
 		var e struct{ Error string }
 		json.Unmarshal(body, &e)
-		return nil, handshakeResult{resp.StatusCode, string(body), e.Error}, nil
+		return nil, handshakeResult{resp.StatusCode, string(body), e.Error, resp.Header}, nil
 	}
 	nc.SetReadDeadline(time.Time{})
-	return &wsClient{conn: nc, br: br, autoPong: true}, handshakeResult{status: 101}, nil
+	return &wsClient{conn: nc, br: br, autoPong: true}, handshakeResult{status: 101, header: resp.Header}, nil
 }
 
 // wsClient is a minimal RFC 6455 client for tests.
@@ -335,26 +346,31 @@ type frame struct {
 }
 
 func (c *wsClient) writeFrame(fin bool, op byte, payload []byte) error {
+	masked := make([]byte, len(payload))
+	for i := range payload {
+		masked[i] = payload[i] ^ byte(i%4+1) // the mask is 1 2 3 4
+	}
+	_, err := c.conn.Write(append(clientFrameHeader(fin, op, uint64(len(payload))), masked...))
+	return err
+}
+
+// clientFrameHeader encodes a client frame's header with the mask 1 2 3 4, for
+// any length, even one a client must not send.
+func clientFrameHeader(fin bool, op byte, n uint64) []byte {
 	b0 := op
 	if fin {
 		b0 |= 0x80
 	}
 	hdr := []byte{b0}
-	switch n := len(payload); {
+	switch {
 	case n <= 125:
 		hdr = append(hdr, 0x80|byte(n))
 	case n <= 0xFFFF:
 		hdr = append(hdr, 0x80|126, byte(n>>8), byte(n))
 	default:
-		hdr = binary.BigEndian.AppendUint64(append(hdr, 0x80|127), uint64(n))
+		hdr = binary.BigEndian.AppendUint64(append(hdr, 0x80|127), n)
 	}
-	mask := []byte{1, 2, 3, 4}
-	masked := make([]byte, len(payload))
-	for i := range payload {
-		masked[i] = payload[i] ^ mask[i%4]
-	}
-	_, err := c.conn.Write(append(append(hdr, mask...), masked...))
-	return err
+	return append(hdr, 1, 2, 3, 4)
 }
 
 func (c *wsClient) sendText(s string) {
@@ -1017,10 +1033,6 @@ func TestUpControlErrorsKeepConnectionOpen(t *testing.T) {
 	if code := c.controlError(); code != "invalid_json" {
 		t.Errorf("got %s, want invalid_json", code)
 	}
-	c.writeFrame(true, opText, []byte{'"', 0xff, '"'})
-	if code := c.controlError(); code != "invalid_json" {
-		t.Errorf("invalid UTF-8: got %s, want invalid_json", code)
-	}
 	c.writeFrame(true, opBinary, []byte(`{"a":1}`))
 	if code := c.controlError(); code != "binary_not_supported" {
 		t.Errorf("got %s, want binary_not_supported", code)
@@ -1044,7 +1056,7 @@ func TestUpControlErrorsKeepConnectionOpen(t *testing.T) {
 	}
 	fake.FailPublish("")
 	expectUp(`{"after":"failure"}`)
-	for code, want := range map[string]float64{"invalid_json": 2, "binary_not_supported": 1, "message_too_large": 2, "publish_failed": 1} {
+	for code, want := range map[string]float64{"invalid_json": 1, "binary_not_supported": 1, "message_too_large": 2, "publish_failed": 1} {
 		if got := tp.metric(t, `wsproxy_client_errors_total{code="`+code+`"}`); got != want {
 			t.Errorf("client_errors_total{%s} = %v, want %v", code, got, want)
 		}
@@ -1158,7 +1170,7 @@ func TestSlowClientClosed1008WithoutSlowingOthers(t *testing.T) {
 	// The slow client never reads, so the kernel buffers fill, then its
 	// queue. The fast one must get every message promptly meanwhile.
 	message := `"` + strings.Repeat("m", 4094) + `"`
-	for i := 0; tp.metric(t, "wsproxy_slow_client_closes_total") == 0; i++ {
+	for i := 0; tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`) == 0; i++ {
 		if i == 20000 {
 			t.Fatal("80 MB published and the slow client is still open")
 		}
@@ -1330,7 +1342,7 @@ func TestConfigDefaults(t *testing.T) {
 		PingInterval: 30 * time.Second, PingTimeout: 10 * time.Second, ShutdownGrace: 30 * time.Second,
 		AuthMode: "redis", AuthTimeout: 5 * time.Second, AuthGrace: 10800 * time.Second,
 		SubscribeTimeout: 5 * time.Second, MaxConnections: 50000, MaxMessageSize: 1048576, MaxBufferSize: 10485760,
-		IdleTimeout: 0, StreamEndTimeout: 60 * time.Second, UpstreamEnabled: true, LogFormat: "json"}
+		MaxTotalBuffer: 128 << 20, IdleTimeout: 0, StreamEndTimeout: 60 * time.Second, UpstreamEnabled: true, LogFormat: "json"}
 	if fmt.Sprint(*cfg) != fmt.Sprint(want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", *cfg, want)
 	}
@@ -1343,7 +1355,7 @@ func TestConfigRejectsMalformedValues(t *testing.T) {
 		{"WS_PING_INTERVAL_SECS", "-1"}, {"WS_PING_INTERVAL_SECS", "0"}, {"WS_PING_TIMEOUT_SECS", "ten"},
 		{"SHUTDOWN_GRACE_PERIOD_SECS", "-5"}, {"AUTH_TIMEOUT_SECS", "NaN"}, {"AUTH_GRACE_PERIOD_SECS", "-1"},
 		{"SUBSCRIBE_TIMEOUT_SECS", "x"}, {"MAX_CONNECTIONS", "-3"}, {"MAX_MESSAGE_SIZE_BYTES", "1MB"},
-		{"MAX_BUFFER_SIZE_BYTES", "0"}, {"IDLE_TIMEOUT_SECS", "-1"}, {"STREAM_END_TIMEOUT_SECS", "1h"},
+		{"MAX_BUFFER_SIZE_BYTES", "0"}, {"MAX_TOTAL_BUFFER_BYTES", "1000"}, {"MAX_TOTAL_BUFFER_BYTES", "-1"}, {"IDLE_TIMEOUT_SECS", "-1"}, {"STREAM_END_TIMEOUT_SECS", "1h"},
 		{"UPSTREAM_ENABLED", "maybe"}, {"AUTH_MODE", "ldap"}, {"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},
 	} {
 		_, err := loadConfig(func(k string) string {
@@ -1485,7 +1497,7 @@ func TestMetricsExposeEverySeries(t *testing.T) {
 		"wsproxy_active_connections 1", `wsproxy_connections_total{result="accepted"} 1`,
 		`wsproxy_messages_total{direction="down"} 1`, `wsproxy_bytes_total{direction="down"} 3`,
 		`wsproxy_messages_total{direction="up"} 0`, `wsproxy_client_errors_total{code="invalid_json"} 0`,
-		"wsproxy_slow_client_closes_total 0", "wsproxy_redis_connected 1", "wsproxy_redis_reconnects_total 0",
+		`wsproxy_slow_client_closes_total{limit="connection"} 0`, `wsproxy_slow_client_closes_total{limit="total"} 0`, "wsproxy_queued_bytes 0", "wsproxy_redis_connected 1", "wsproxy_redis_reconnects_total 0",
 		"wsproxy_subscribed_channels 1", `wsproxy_delivery_latency_seconds_bucket{le="+Inf"} 1`,
 		"wsproxy_delivery_latency_seconds_count 1", "# TYPE wsproxy_delivery_latency_seconds histogram",
 		"process_resident_memory_bytes ", "go_goroutines ", "process_cpu_seconds_total ",
@@ -1502,7 +1514,9 @@ func TestMetricsExposeEverySeries(t *testing.T) {
 // benchConns returns n connections of one session, open on real loopback
 // sockets whose far ends are read and discarded.
 func benchConns(b *testing.B, n int) (*proxy, []*conn) {
-	cfg, err := loadConfig(func(k string) string { return map[string]string{"MAX_BUFFER_SIZE_BYTES": "1000000000"}[k] })
+	cfg, err := loadConfig(func(k string) string {
+		return map[string]string{"MAX_BUFFER_SIZE_BYTES": "1000000000", "MAX_TOTAL_BUFFER_BYTES": "1000000000"}[k]
+	})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -1547,7 +1561,8 @@ func BenchmarkDispatch(b *testing.B) {
 			for _, c := range conns {
 				c.mu.Lock()
 				clear(c.queue)
-				c.queue, c.queued = c.queue[:0], 0
+				c.queue = c.queue[:0]
+				c.account(-c.queued)
 				c.mu.Unlock()
 			}
 		}
@@ -4562,4 +4577,338 @@ func TestHandshakeRefusedByLibraryLeavesNothing(t *testing.T) {
 	if got := tp.metric(t, `wsproxy_connections_total{result="bad_request"}`); got != 1 {
 		t.Errorf("bad_request count %v", got)
 	}
+}
+
+// ---------------------------------------------------------------------------
+// Limits and abuse: nothing a client claims or holds exhausts the process.
+
+// liveHeap is the heap in use after a collection.
+func liveHeap() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapAlloc)
+}
+
+// A frame header that claims MAX_MESSAGE_SIZE_BYTES costs what arrived, not
+// what it claims: 200 such connections, whole or after a first fragment.
+func TestClaimedLengthCostsNoMemory(t *testing.T) {
+	for _, fragmented := range []bool{false, true} {
+		t.Run(map[bool]string{false: "one frame", true: "after a fragment"}[fragmented], func(t *testing.T) {
+			r := newTestRedis(t)
+			tp := startProxy(t, r, "AUTH_MODE=none")
+			before := liveHeap()
+			const n, limit = 200, 1 << 20
+			for i := 0; i < n; i++ {
+				c := tp.connect(t, "claim", "")
+				if fragmented {
+					c.writeFrame(false, opText, []byte(`"`+strings.Repeat("f", 4095)))
+					c.conn.Write(clientFrameHeader(true, opContinuation, limit-4096))
+				} else {
+					c.conn.Write(clientFrameHeader(true, opText, limit))
+				}
+			}
+			eventually(t, "every claim read", func() bool { return goroutinesIn("wsproxy.(*conn).readPayload") == n })
+			if grown := liveHeap() - before; grown > 40<<20 {
+				t.Errorf("%d claims of %d bytes grew the heap by %d MiB", n, limit, grown>>20)
+			} else {
+				t.Logf("%d claims of %d bytes grew the heap by %.1f MiB", n, limit, float64(grown)/(1<<20))
+			}
+		})
+	}
+}
+
+// Plain HTTP keep-alive connections are closed when idle, and a request
+// must arrive in time; an upgraded WebSocket keeps none of those deadlines.
+func TestHTTPIdleAndRequestTimeouts(t *testing.T) {
+	defer func(idle, request time.Duration) { httpIdleTimeout, httpRequestTimeout = idle, request }(httpIdleTimeout, httpRequestTimeout)
+	httpIdleTimeout, httpRequestTimeout = 300*time.Millisecond, 300*time.Millisecond
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "AUTH_TIMEOUT_SECS=0.2", "SUBSCRIBE_TIMEOUT_SECS=0.2") // writes bounded by 0.7 s
+	id, token := r.session(t)
+	ws := tp.connect(t, id, token)
+	up := r.subscribeUp(t, id)
+
+	closedAfter := func(request string) time.Duration {
+		t.Helper()
+		nc, err := net.Dial("tcp", tp.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		start := time.Now()
+		io.WriteString(nc, request)
+		nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if strings.HasSuffix(request, "\r\n\r\n") {
+			resp, err := http.ReadResponse(bufio.NewReader(nc), nil)
+			if err != nil || resp.StatusCode != 200 {
+				t.Fatalf("%q: %v", request, err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			start = time.Now()
+			if _, err := nc.Read(make([]byte, 1)); err != io.EOF {
+				t.Fatalf("idle keep-alive connection: %v, want EOF", err)
+			}
+			return time.Since(start)
+		}
+		if _, err := io.ReadAll(nc); err != nil {
+			t.Fatalf("stalled request: %v, want it closed", err)
+		}
+		return time.Since(start)
+	}
+	if d := closedAfter("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"); d < 200*time.Millisecond || d > 2*time.Second {
+		t.Errorf("idle keep-alive connection closed after %v, want about 300 ms", d)
+	}
+	if d := closedAfter("GET /health HTTP/1.1\r\nHost: x\r\n"); d > 2*time.Second {
+		t.Errorf("an unfinished request held its connection for %v", d)
+	}
+	// The WebSocket outlived every one of those deadlines, both ways.
+	time.Sleep(time.Second)
+	r.publish(t, id, `"still here"`)
+	if got := ws.readText(); got != `"still here"` {
+		t.Errorf("got %s", got)
+	}
+	ws.sendText(`{"up":"too"}`)
+	select {
+	case m := <-up:
+		if string(m) != `{"up":"too"}` {
+			t.Errorf("up got %s", m)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("the WebSocket no longer forwards up")
+	}
+}
+
+// A client that gives up while its handshake waits for Redis is counted as
+// aborted, logged at debug, and leaves no subscription and no slot.
+func TestAbortedHandshakeIsNotARedisFailure(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r, "AUTH_TIMEOUT_SECS=0.5")
+	id, token := r.session(t)
+	abort := func(waitFor func() bool) {
+		t.Helper()
+		nc, err := net.Dial("tcp", tp.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(nc, "GET /agent/ws/%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n", id, token)
+		eventually(t, "handshake waiting on Redis", waitFor)
+		nc.Close()
+	}
+	fake.HoldSubscribes(true) // waiting for the subscription
+	abort(func() bool { return fake.Subscribers("session:"+id+":down") == 1 })
+	eventually(t, "abort counted", func() bool { return tp.metric(t, `wsproxy_connections_total{result="aborted"}`) == 1 })
+	fake.HoldSubscribes(false)
+	fake.Freeze(true) // waiting for the token lookup
+	abort(func() bool { return goroutinesIn("wsproxy.(*proxy).checkRedisToken") == 1 })
+	eventually(t, "second abort counted", func() bool { return tp.metric(t, `wsproxy_connections_total{result="aborted"}`) == 2 })
+	fake.Freeze(false)
+
+	eventually(t, "no subscription left", func() bool { return len(sessionChannels(fake)) == 0 })
+	eventually(t, "no slot held", func() bool { return tp.p.slots.Load() == 0 })
+	for _, result := range []string{"unavailable", "timeout"} {
+		if got := tp.metric(t, `wsproxy_connections_total{result="`+result+`"}`); got != 0 {
+			t.Errorf("%s counted %v times", result, got)
+		}
+	}
+	for _, line := range strings.Split(tp.logs.String(), "\n") {
+		if strings.Contains(line, "aborted") && !strings.Contains(line, `"level":"DEBUG"`) {
+			t.Errorf("an abort logged above debug: %s", line)
+		}
+	}
+	if !strings.Contains(tp.logs.String(), "handshake aborted") {
+		t.Error("no debug record of the abort")
+	}
+}
+
+// RFC 6455 §5.2: a 64-bit length with its top bit set fails the connection
+// with 1002 and nothing is published; a length just below 2^63 is read (and
+// discarded) without overflowing the size arithmetic.
+func TestFrameLengthWithTopBitCloses1002(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	up := r.subscribeUp(t, id)
+	c := tp.connect(t, id, token)
+	payload := []byte(`{"a":1}`)
+	for i := range payload {
+		payload[i] ^= byte(i%4 + 1)
+	}
+	c.conn.Write(append(clientFrameHeader(true, opText, 1<<63|uint64(len(payload))), payload...))
+	if code, _ := c.expectClose(5 * time.Second); code != 1002 {
+		t.Errorf("close %d, want 1002", code)
+	}
+
+	c = tp.connect(t, id, token)
+	c.writeFrame(false, opText, []byte(`{"a":`))
+	c.conn.Write(append(clientFrameHeader(true, opContinuation, 1<<63-1), make([]byte, 4096)...))
+	if f, err := c.readFrame(300 * time.Millisecond); err == nil {
+		t.Errorf("a huge claim was answered with opcode %d %q", f.op, f.payload)
+	}
+	select {
+	case m := <-up:
+		t.Errorf("published %q", m)
+	case <-time.After(200 * time.Millisecond):
+	}
+	// The proxy goes on serving everyone else.
+	other := tp.connect(t, id, token)
+	r.publish(t, id, `"fine"`)
+	if got := other.readText(); got != `"fine"` {
+		t.Errorf("got %s", got)
+	}
+}
+
+// RFC 6455 §8.1: a text message that is not UTF-8, whole or across
+// fragments, or a close reason that is not, fails the connection with 1007;
+// nothing is published. UTF-8 that is not JSON is only a control error, and
+// a character split between fragments is fine.
+func TestInvalidUTF8Closes1007(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	up := r.subscribeUp(t, id)
+
+	c := tp.connect(t, id, token)
+	c.sendText("not json")
+	if code := c.controlError(); code != "invalid_json" {
+		t.Errorf("valid UTF-8, not JSON: %s", code)
+	}
+	c.writeFrame(false, opText, []byte(`"split `+"\xc3"))
+	c.writeFrame(true, opContinuation, []byte("\xbc"+`"`))
+	select {
+	case m := <-up:
+		if string(m) != `"split ü"` {
+			t.Errorf("got %q", m)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a character split between fragments was not published")
+	}
+	for name, frames := range map[string][][]byte{
+		"whole message":    {[]byte("\"\xff\"")},
+		"across fragments": {[]byte(`"ok so far`), []byte("\xed\xa0\x80\"")}, // a surrogate
+	} {
+		c := tp.connect(t, id, token)
+		for i, f := range frames {
+			op := byte(opText)
+			if i > 0 {
+				op = opContinuation
+			}
+			c.writeFrame(i == len(frames)-1, op, f)
+		}
+		if code, _ := c.expectClose(5 * time.Second); code != 1007 {
+			t.Errorf("%s: close %d, want 1007", name, code)
+		}
+	}
+	c = tp.connect(t, id, token)
+	c.writeFrame(true, opClose, append(binary.BigEndian.AppendUint16(nil, 1000), 0xff))
+	if code, _ := c.expectClose(5 * time.Second); code != 1007 {
+		t.Errorf("close reason not UTF-8: answered %d, want 1007", code)
+	}
+	select {
+	case m := <-up:
+		t.Errorf("published %q", m)
+	case <-time.After(200 * time.Millisecond):
+	}
+}
+
+// RFC 6455 §4.4: a refused version is answered with the one spoken.
+func TestUnsupportedVersionAnswersVersion13(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	_, res := tp.dial(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}, "Sec-Websocket-Version": {"8"}})
+	if res.status != 400 || res.code != "bad_request" || res.header.Get("Sec-WebSocket-Version") != "13" {
+		t.Errorf("version 8: %d %s, Sec-WebSocket-Version %q", res.status, res.body, res.header.Get("Sec-WebSocket-Version"))
+	}
+}
+
+// RFC 7235 §2.1: the authentication scheme is case-insensitive.
+func TestAuthorizationSchemeIsCaseInsensitive(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	for _, scheme := range []string{"bearer", "BEARER", "Bearer"} {
+		c, res := tp.dial(t, "/agent/ws/"+id, http.Header{"Authorization": {scheme + " " + token}})
+		if c == nil {
+			t.Errorf("%s: %d %s", scheme, res.status, res.body)
+			continue
+		}
+		c.conn.Close()
+	}
+}
+
+// The first ping goes out one WS_PING_INTERVAL_SECS after the open, so a
+// burst of connections is not followed by a burst of pings.
+func TestFirstPingOneIntervalAfterOpen(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "WS_PING_INTERVAL_SECS=0.8")
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	opened := time.Now()
+	f, err := c.readFrame(5 * time.Second)
+	if err != nil || f.op != opPing {
+		t.Fatalf("want a ping: %v, opcode %d", err, f.op)
+	}
+	if after := time.Since(opened); after < 600*time.Millisecond {
+		t.Errorf("first ping %v after the open, want one interval (800 ms)", after)
+	}
+}
+
+// MAX_TOTAL_BUFFER_BYTES bounds what all queues hold together: clients that
+// fall behind are closed with 1008, the one that keeps up gets every
+// message in order, and neither the total nor the heap runs past the bound.
+func TestTotalBufferBound(t *testing.T) {
+	const bound, size = 2 << 20, 8 << 10
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=1048576", "MAX_TOTAL_BUFFER_BYTES="+strconv.Itoa(bound))
+	id, token := r.session(t)
+	var slow []*wsClient
+	for i := 0; i < 10; i++ {
+		c, res, err := tryDialWith(smallBuffer, tp.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+		if c == nil {
+			t.Fatalf("slow client: %d %v", res.status, err)
+		}
+		c.t = t
+		defer c.conn.Close()
+		slow = append(slow, c)
+	}
+	fast := tp.connect(t, id, token)
+	before, peakHeap, peakQueued := liveHeap(), int64(0), int64(0)
+	pad := strings.Repeat("p", size)
+	closes := func() float64 {
+		return tp.metric(t, `wsproxy_slow_client_closes_total{limit="total"}`) + tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`)
+	}
+	for i := 0; closes() < float64(len(slow)); i++ {
+		if i == 5000 {
+			t.Fatalf("40 MB published and %v of %d slow clients closed", closes(), len(slow))
+		}
+		message := fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, i, pad)
+		r.publish(t, id, message)
+		if got := fast.readText(); got != message {
+			t.Fatalf("fast client: message %d is %.30q", i, got)
+		}
+		peakQueued = max(peakQueued, tp.p.metrics.queuedBytes.Load())
+		if i%100 == 0 {
+			peakHeap = max(peakHeap, liveHeap())
+		}
+	}
+	if peakQueued > bound+size+100 {
+		t.Errorf("%d bytes queued at most, over the bound of %d plus a message", peakQueued, bound)
+	}
+	if grown := peakHeap - before; grown > 3*bound {
+		t.Errorf("the heap grew by %d MiB with a bound of %d MiB", grown>>20, bound>>20)
+	}
+	if got := tp.metric(t, `wsproxy_slow_client_closes_total{limit="total"}`); got == 0 {
+		t.Error("no close counted against the total")
+	}
+	for i, c := range slow {
+		if code, reason := c.expectClose(10 * time.Second); code != 1008 || reason != "client too slow" {
+			t.Errorf("slow client %d: %d %q", i, code, reason)
+		}
+	}
+	if !strings.Contains(tp.logs.String(), `"limit":"total"`) {
+		t.Error("no log of a close against the total")
+	}
+	eventually(t, "queues empty", func() bool { return tp.metric(t, "wsproxy_queued_bytes") == 0 })
 }
