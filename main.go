@@ -487,8 +487,7 @@ func (p *proxy) releaseSlot() {
 
 // checkHandshake is steps 3 to 5 of SPEC §2: upgrade headers, origin, auth.
 func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeError {
-	if !headerHasToken(r.Header, "Connection", "upgrade") || !headerHasToken(r.Header, "Upgrade", "websocket") ||
-		r.Header.Get("Sec-WebSocket-Key") == "" || r.Header.Get("Sec-WebSocket-Version") != "13" {
+	if !isUpgrade(r) {
 		return &handshakeError{400, "bad_request", "not a WebSocket upgrade (RFC 6455 version 13)"}
 	}
 	if origin := r.Header.Get("Origin"); origin != "" && len(p.cfg.AllowedOrigins) > 0 && !slices.Contains(p.cfg.AllowedOrigins, origin) {
@@ -509,6 +508,12 @@ func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeErro
 		return verifyJWT(token, []byte(p.cfg.JWTSecret), sessionID, time.Now())
 	}
 	return p.checkRedisToken(r.Context(), sessionID, token)
+}
+
+// isUpgrade reports whether r asks for a WebSocket (RFC 6455 §4.2.1).
+func isUpgrade(r *http.Request) bool {
+	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket") &&
+		r.Header.Get("Sec-WebSocket-Key") != "" && r.Header.Get("Sec-WebSocket-Version") == "13"
 }
 
 // checkRedisToken compares the token with session:{id}:auth, then keeps the
@@ -628,11 +633,35 @@ func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError
 	if e.status >= 500 {
 		level = slog.LevelWarn
 	}
-	p.log.Log(r.Context(), level, "connection refused", append(attrs, "status", e.status, "code", e.code)...)
+	p.log.Log(r.Context(), level, "handshake refused", append(attrs, "status", e.status, "code", e.code)...)
+	// A browser cannot read the status of a refused handshake, only a close
+	// code: complete the handshake for it, then close with 4000 + status.
+	if r.Header.Get("Origin") != "" && isUpgrade(r) {
+		if netConn, _ := upgrade(w, r); netConn != nil {
+			closeRefused(netConn, 4000+e.status, e.code)
+		}
+		return
+	}
 	if r.Header.Get("Sec-WebSocket-Version") != "13" && headerHasToken(r.Header, "Upgrade", "websocket") {
 		w.Header().Set("Sec-WebSocket-Version", "13") // the version we speak (RFC 6455 §4.4)
 	}
 	writeJSON(w, e.status, errorBody(e.code, e.message))
+}
+
+// closeRefused sends a close frame on a handshake completed only to be
+// refused, half-closes, and waits up to closeWait for the client to close
+// its side (RFC 6455 §7.1.1), as a closing connection does.
+func closeRefused(netConn net.Conn, code int, reason string) {
+	defer netConn.Close()
+	netConn.SetDeadline(time.Now().Add(closeWait))
+	frame := binary.BigEndian.AppendUint16(appendFrameHeader(nil, opClose, 2+len(reason)), uint16(code))
+	if _, err := netConn.Write(append(frame, reason...)); err != nil {
+		return
+	}
+	if tcp, ok := netConn.(*net.TCPConn); ok {
+		tcp.CloseWrite()
+	}
+	io.Copy(io.Discard, io.LimitReader(netConn, 64<<10))
 }
 
 // upgrade lets x/net/websocket answer 101, and returns the raw socket and

@@ -605,7 +605,6 @@ func TestHandshakeRefusals(t *testing.T) {
 		{"bad session id before missing token", "/agent/ws/x*y", nil, true, 400, "bad_request"},
 		{"not an upgrade", "/agent/ws/" + id, bearer, false, 400, "bad_request"},
 		{"wrong version", "/agent/ws/" + id, http.Header{"Authorization": {"Bearer " + token}, "Sec-Websocket-Version": {"8"}}, true, 400, "bad_request"},
-		{"origin not allowed before auth", "/agent/ws/" + id, http.Header{"Origin": {"https://evil.example.com"}}, true, 403, "origin_not_allowed"},
 		{"missing token", "/agent/ws/" + id, nil, true, 401, "missing_token"},
 		{"unknown session", "/agent/ws/nosuchsession", bearer, true, 401, "unknown_session"},
 		{"invalid token", "/agent/ws/" + id, http.Header{"Authorization": {"Bearer wrong"}}, true, 403, "invalid_token"},
@@ -635,8 +634,8 @@ func TestHandshakeRefusals(t *testing.T) {
 	if got := tp.metric(t, `wsproxy_connections_total{result="unauthorized"}`); got != 2 {
 		t.Errorf("unauthorized count %v, want 2", got)
 	}
-	if got := tp.metric(t, `wsproxy_connections_total{result="forbidden"}`); got != 3 {
-		t.Errorf("forbidden count %v, want 3", got)
+	if got := tp.metric(t, `wsproxy_connections_total{result="forbidden"}`); got != 2 {
+		t.Errorf("forbidden count %v, want 2", got)
 	}
 	if strings.Contains(tp.logs.String(), token) {
 		t.Errorf("a token appears in the logs")
@@ -1466,7 +1465,7 @@ func TestLogsAreStructuredAndCarryIDs(t *testing.T) {
 		}
 		seen[rec["msg"].(string)] = rec
 	}
-	for _, msg := range []string{"connection open", "connection closed", "connection refused"} {
+	for _, msg := range []string{"connection open", "connection closed", "handshake refused"} {
 		rec := seen[msg]
 		if rec == nil || rec["session_id"] != "logged" || rec["agent_id"] != "agent-1" {
 			t.Errorf("%s: %v", msg, rec)
@@ -4911,4 +4910,98 @@ func TestTotalBufferBound(t *testing.T) {
 		t.Error("no log of a close against the total")
 	}
 	eventually(t, "queues empty", func() bool { return tp.metric(t, "wsproxy_queued_bytes") == 0 })
+}
+
+// ---------------------------------------------------------------------------
+// Refusals a browser can read: with an Origin header, a refused handshake is
+// completed and closed at once with 4000 + status, the code as the reason.
+
+// refusedWith dials path with header, which carries an Origin, and returns
+// the close code and reason of the completed-then-refused handshake; it
+// fails the test on an HTTP answer, or if the proxy does not close the TCP
+// connection after the close handshake.
+func refusedWith(t *testing.T, tp *testProxy, path string, header http.Header) (int, string) {
+	t.Helper()
+	c, res := tp.dial(t, path, header)
+	if c == nil {
+		t.Fatalf("%s: HTTP %d %s, want 101 and a close frame", path, res.status, res.body)
+	}
+	f, err := c.readFrame(5 * time.Second)
+	if err != nil || f.op != opClose {
+		t.Fatalf("%s: %v, opcode %d, want a close frame at once", path, err, f.op)
+	}
+	c.writeFrame(true, opClose, f.payload[:2])
+	if _, err := c.readFrame(5 * time.Second); err != io.EOF {
+		t.Errorf("%s: after the close handshake: %v, want EOF", path, err)
+	}
+	c.conn.Close() // as a browser does once the server has closed its side
+	eventually(t, "the refused handshake's slot released", func() bool { return tp.p.slots.Load() == tp.p.metrics.active.Load() })
+	return closeCode(f.payload), string(f.payload[2:])
+}
+
+func TestBrowserRefusalsAreCloseCodes(t *testing.T) {
+	r, fake := fakeTarget(t)
+	tp := startProxy(t, r, "ALLOWED_ORIGINS=https://app.example.com", "MAX_CONNECTIONS=2", "SUBSCRIBE_TIMEOUT_SECS=0.3")
+	id, token := r.session(t)
+	browser := func(kv ...string) http.Header {
+		h := http.Header{"Origin": {"https://app.example.com"}}
+		for i := 0; i < len(kv); i += 2 {
+			h.Set(kv[i], kv[i+1])
+		}
+		return h
+	}
+	for _, tc := range []struct {
+		name   string
+		path   string
+		header http.Header
+		code   int
+		reason string
+	}{
+		{"bad session id", "/agent/ws/x*y", browser(), 4400, "bad_request"},
+		{"origin beats a missing token", "/agent/ws/" + id, http.Header{"Origin": {"https://evil.example.com"}}, 4403, "origin_not_allowed"},
+		{"missing token", "/agent/ws/" + id, browser(), 4401, "missing_token"},
+		{"unknown session", "/agent/ws/nosuchsession?token=" + token, browser(), 4401, "unknown_session"},
+		{"invalid token", "/agent/ws/" + id + "?token=wrong", browser(), 4403, "invalid_token"},
+	} {
+		if code, reason := refusedWith(t, tp, tc.path, tc.header); code != tc.code || reason != tc.reason {
+			t.Errorf("%s: close %d %q, want %d %q", tc.name, code, reason, tc.code, tc.reason)
+		}
+	}
+	// Not a valid upgrade: HTTP 400 whatever the Origin, naming the version.
+	_, res := tp.dial(t, "/agent/ws/"+id, browser("Sec-WebSocket-Version", "8"))
+	if res.status != 400 || res.code != "bad_request" || res.header.Get("Sec-WebSocket-Version") != "13" {
+		t.Errorf("version 8 from a browser: %d %s", res.status, res.body)
+	}
+	fake.HoldSubscribes(true)
+	if code, reason := refusedWith(t, tp, "/agent/ws/"+id+"?token="+token, browser()); code != 4504 || reason != "subscribe_timeout" {
+		t.Errorf("withheld confirmation: close %d %q", code, reason)
+	}
+	fake.HoldSubscribes(false)
+	tp.connect(t, id, token)
+	tp.connect(t, id, token)
+	if code, reason := refusedWith(t, tp, "/agent/ws/"+id+"?token="+token, browser()); code != 4503 || reason != "too_many_connections" {
+		t.Errorf("at MAX_CONNECTIONS: close %d %q", code, reason)
+	}
+	// Counted and logged as the HTTP refusals are; nothing stays subscribed.
+	for result, want := range map[string]float64{"bad_request": 2, "unauthorized": 2, "forbidden": 2, "timeout": 1, "rejected": 1} {
+		if got := tp.metric(t, `wsproxy_connections_total{result="`+result+`"}`); got != want {
+			t.Errorf("%s counted %v times, want %v", result, got, want)
+		}
+	}
+	if n := strings.Count(tp.logs.String(), `"msg":"handshake refused"`); n != 8 {
+		t.Errorf("%d refusals logged, want 8", n)
+	}
+	r.waitNumSub(t, "session:"+id+":down", 1) // the two open connections
+	tp.p.draining.Store(true)
+	if code, reason := refusedWith(t, tp, "/agent/ws/"+id+"?token="+token, browser()); code != 4503 || reason != "draining" {
+		t.Errorf("draining: close %d %q", code, reason)
+	}
+}
+
+// Redis down, as a browser sees it.
+func TestBrowserRefusalWhenRedisIsDown(t *testing.T) {
+	tp := startProxy(t, &testRedis{url: "redis://127.0.0.1:1"}, "AUTH_MODE=none")
+	if code, reason := refusedWith(t, tp, "/agent/ws/s", http.Header{"Origin": {"http://localhost"}}); code != 4503 || reason != "redis_unavailable" {
+		t.Errorf("close %d %q, want 4503 redis_unavailable", code, reason)
+	}
 }
