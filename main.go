@@ -119,115 +119,162 @@ type config struct {
 	AllowedOrigins   []string      // ALLOWED_ORIGINS, comma-separated; empty = any
 	LogLevel         slog.Level    // LOG_LEVEL: debug, info (default), warn, error
 	LogFormat        string        // LOG_FORMAT: json (default) or text
+
+	effective []any // variable names and values as read, secrets redacted, for the start-up log
 }
 
 // loadConfig reads every variable through getenv and returns the first
 // malformed one as an error that names it.
 func loadConfig(getenv func(string) string) (*config, error) {
-	var firstErr error
-	fail := func(name, format string, args ...any) {
-		if firstErr == nil {
-			firstErr = fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...))
-		}
-	}
-	str := func(name, def string) string {
-		if v := strings.TrimSpace(getenv(name)); v != "" {
-			return v
-		}
-		return def
-	}
-	integer := func(name string, def, min, max int) int {
-		v := str(name, strconv.Itoa(def))
-		n, err := strconv.Atoi(v)
-		if err != nil || n < min || n > max {
-			fail(name, "must be a whole number from %d to %d, got %q", min, max, v)
-		}
-		return n
-	}
-	// Durations are seconds and may be fractional ("0.5"), which tests use.
-	seconds := func(name string, def float64, allowZero bool) time.Duration {
-		v := str(name, strconv.FormatFloat(def, 'f', -1, 64))
-		f, err := strconv.ParseFloat(v, 64)
-		if err != nil || math.IsNaN(f) || f < 0 || f > 1e9 || (f == 0 && !allowZero) {
-			what := "a positive number of seconds"
-			if allowZero {
-				what = "a number of seconds, 0 or more"
-			}
-			fail(name, "must be %s, got %q", what, v)
-		}
-		return time.Duration(f * float64(time.Second))
-	}
+	l := &loader{getenv: getenv}
 	c := &config{
-		Host:             str("HOST", "0.0.0.0"),
-		Port:             integer("PORT", 8080, 1, 65535),
-		RedisURL:         str("REDIS_URL", "redis://127.0.0.1:6379"),
-		PingInterval:     seconds("WS_PING_INTERVAL_SECS", 30, false),
-		PingTimeout:      seconds("WS_PING_TIMEOUT_SECS", 10, false),
-		ShutdownGrace:    seconds("SHUTDOWN_GRACE_PERIOD_SECS", 30, true),
-		AuthMode:         str("AUTH_MODE", "redis"),
-		AuthTimeout:      seconds("AUTH_TIMEOUT_SECS", 5, false),
-		AuthGrace:        seconds("AUTH_GRACE_PERIOD_SECS", 10800, true),
-		JWTSecret:        getenv("JWT_SECRET"),
-		SubscribeTimeout: seconds("SUBSCRIBE_TIMEOUT_SECS", 5, false),
-		MaxConnections:   integer("MAX_CONNECTIONS", 50000, 1, math.MaxInt32),
-		MaxMessageSize:   integer("MAX_MESSAGE_SIZE_BYTES", 1<<20, 1, math.MaxInt32),
-		MaxBufferSize:    integer("MAX_BUFFER_SIZE_BYTES", 10<<20, 1, math.MaxInt32),
-		MaxTotalBuffer:   integer("MAX_TOTAL_BUFFER_BYTES", 128<<20, 1, math.MaxInt64),
-		IdleTimeout:      seconds("IDLE_TIMEOUT_SECS", 0, true),
-		StreamEndTimeout: seconds("STREAM_END_TIMEOUT_SECS", 60, true),
-		LogFormat:        str("LOG_FORMAT", "json"),
+		Host:             l.str("HOST", "0.0.0.0"),
+		Port:             l.integer("PORT", 8080, 1, 65535),
+		RedisURL:         l.str("REDIS_URL", "redis://127.0.0.1:6379"),
+		PingInterval:     l.seconds("WS_PING_INTERVAL_SECS", 30, false),
+		PingTimeout:      l.seconds("WS_PING_TIMEOUT_SECS", 10, false),
+		ShutdownGrace:    l.seconds("SHUTDOWN_GRACE_PERIOD_SECS", 30, true),
+		AuthMode:         l.oneOf("AUTH_MODE", "redis", "jwt", "none"),
+		AuthTimeout:      l.seconds("AUTH_TIMEOUT_SECS", 5, false),
+		AuthGrace:        l.seconds("AUTH_GRACE_PERIOD_SECS", 10800, true),
+		JWTSecret:        l.str("JWT_SECRET", ""),
+		SubscribeTimeout: l.seconds("SUBSCRIBE_TIMEOUT_SECS", 5, false),
+		MaxConnections:   l.integer("MAX_CONNECTIONS", 50000, 1, math.MaxInt32),
+		MaxMessageSize:   l.integer("MAX_MESSAGE_SIZE_BYTES", 1<<20, 1, math.MaxInt32),
+		MaxBufferSize:    l.integer("MAX_BUFFER_SIZE_BYTES", 10<<20, 1, math.MaxInt32),
+		MaxTotalBuffer:   l.integer("MAX_TOTAL_BUFFER_BYTES", 128<<20, 1, math.MaxInt),
+		IdleTimeout:      l.seconds("IDLE_TIMEOUT_SECS", 0, true),
+		StreamEndTimeout: l.seconds("STREAM_END_TIMEOUT_SECS", 60, true),
+		UpstreamEnabled:  l.oneOf("UPSTREAM_ENABLED", "true", "false") == "true",
+		LogFormat:        l.oneOf("LOG_FORMAT", "json", "text"),
 	}
-	if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
-		// The URL may hold a password, so it is not repeated.
-		fail("REDIS_URL", "must be a redis:// or rediss:// URL with a host")
-	}
-	switch c.AuthMode {
-	case "redis", "none":
-	case "jwt":
-		if len(c.JWTSecret) < 32 {
-			fail("JWT_SECRET", "must be at least 32 bytes when AUTH_MODE=jwt")
-		}
-	default:
-		fail("AUTH_MODE", "must be redis, jwt or none, got %q", c.AuthMode)
-	}
-	upstream, err := strconv.ParseBool(str("UPSTREAM_ENABLED", "true"))
-	if err != nil {
-		fail("UPSTREAM_ENABLED", "must be true or false, got %q", getenv("UPSTREAM_ENABLED"))
-	}
-	c.UpstreamEnabled = upstream
-	for _, o := range strings.Split(getenv("ALLOWED_ORIGINS"), ",") {
+	for _, o := range strings.Split(l.str("ALLOWED_ORIGINS", ""), ",") {
 		if o = strings.TrimSpace(o); o != "" {
 			c.AllowedOrigins = append(c.AllowedOrigins, strings.TrimSuffix(o, "/"))
 		}
 	}
-	if err := c.LogLevel.UnmarshalText([]byte(str("LOG_LEVEL", "info"))); err != nil {
-		fail("LOG_LEVEL", "must be debug, info, warn or error, got %q", getenv("LOG_LEVEL"))
+	if err := c.LogLevel.UnmarshalText([]byte(l.oneOf("LOG_LEVEL", "info", "debug", "warn", "error"))); err != nil {
+		l.fail("LOG_LEVEL", "%v", err)
+	}
+	if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+		// The URL may hold a password, so it is not repeated.
+		l.fail("REDIS_URL", "must be a redis:// or rediss:// URL with a host")
+	} else if u.User != nil {
+		u.User = url.UserPassword(u.User.Username(), "REDACTED")
+		l.effective[slices.Index(l.effective, any("REDIS_URL"))+1] = u.String()
+	}
+	if c.JWTSecret != "" {
+		l.effective[slices.Index(l.effective, any("JWT_SECRET"))+1] = "REDACTED"
+	}
+	if c.AuthMode == "jwt" && len(c.JWTSecret) < 32 {
+		l.fail("JWT_SECRET", "must be at least 32 bytes when AUTH_MODE=jwt")
 	}
 	if c.MaxTotalBuffer < c.MaxBufferSize {
-		fail("MAX_TOTAL_BUFFER_BYTES", "must be at least MAX_BUFFER_SIZE_BYTES (%d), got %d", c.MaxBufferSize, c.MaxTotalBuffer)
+		l.fail("MAX_TOTAL_BUFFER_BYTES", "must be at least MAX_BUFFER_SIZE_BYTES (%d), got %d", c.MaxBufferSize, c.MaxTotalBuffer)
 	}
-	if c.LogFormat != "json" && c.LogFormat != "text" {
-		fail("LOG_FORMAT", "must be json or text, got %q", c.LogFormat)
-	}
-	return c, firstErr
+	c.effective = l.effective
+	return c, l.err
 }
 
-// environment returns a getenv that prefers the real environment and falls
-// back to the KEY=VALUE lines of a .env file, if there is one.
-func environment(dotenvPath string) (func(string) string, error) {
-	file := map[string]string{}
-	data, err := os.ReadFile(dotenvPath)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+// loader reads variables for loadConfig: it keeps the first malformed one
+// and, for the start-up log, the effective value of each.
+type loader struct {
+	getenv    func(string) string
+	err       error
+	effective []any // name, value, name, value, ...
+}
+
+func (l *loader) fail(name, format string, args ...any) {
+	if l.err == nil {
+		l.err = fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...))
+	}
+}
+
+func (l *loader) str(name, def string) string {
+	v := strings.TrimSpace(l.getenv(name))
+	if v == "" {
+		v = def
+	}
+	l.effective = append(l.effective, name, v)
+	return v
+}
+
+func (l *loader) oneOf(name string, def string, others ...string) string {
+	v := l.str(name, def)
+	if v != def && !slices.Contains(others, v) {
+		l.fail(name, "must be %s, got %q", strings.Join(append([]string{def}, others...), ", "), v)
+	}
+	return v
+}
+
+func (l *loader) integer(name string, def, min, max int) int {
+	v := l.str(name, strconv.Itoa(def))
+	n, err := strconv.Atoi(v)
+	if err != nil || n < min || n > max {
+		l.fail(name, "must be a whole number from %d to %d, got %q", min, max, v)
+	}
+	return n
+}
+
+// seconds reads a duration in seconds, which may be fractional ("0.5").
+func (l *loader) seconds(name string, def float64, allowZero bool) time.Duration {
+	v := l.str(name, strconv.FormatFloat(def, 'f', -1, 64))
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil || math.IsNaN(f) || f < 0 || f > 1e9 || (f == 0 && !allowZero) {
+		what := map[bool]string{false: "a positive number of seconds", true: "a number of seconds, 0 or more"}[allowZero]
+		l.fail(name, "must be %s, got %q", what, v)
+	}
+	return time.Duration(f * float64(time.Second))
+}
+
+// LogValue is the configuration in the start-up log: the variables by name,
+// as in the environment, with secrets redacted.
+func (c *config) LogValue() slog.Value {
+	var attrs []slog.Attr
+	for i := 0; i < len(c.effective); i += 2 {
+		attrs = append(attrs, slog.Any(c.effective[i].(string), c.effective[i+1]))
+	}
+	return slog.GroupValue(attrs...)
+}
+
+// environment looks a variable up in the real environment, then in .env.
+func environment(dotenv map[string]string) func(string) string {
+	return func(name string) string {
+		if v, ok := os.LookupEnv(name); ok {
+			return v
+		}
+		return dotenv[name]
+	}
+}
+
+// reads reports whether loadConfig reads the variable name.
+func (c *config) reads(name string) bool {
+	for i := 0; i < len(c.effective); i += 2 {
+		if c.effective[i] == name {
+			return true
+		}
+	}
+	return false
+}
+
+// readDotEnv returns the KEY=VALUE lines of a .env file, if there is one.
+// A # starts a comment only at the start of a line.
+func readDotEnv(path string) (map[string]string, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
 		return nil, err
 	}
-	for i, line := range strings.Split(string(data), "\n") {
+	file := map[string]string{}
+	for i, line := range strings.Split(strings.TrimPrefix(string(data), "\ufeff"), "\n") {
 		line = strings.TrimSpace(line)
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
 		key, value, ok := strings.Cut(strings.TrimPrefix(line, "export "), "=")
 		if !ok {
-			return nil, fmt.Errorf("%s line %d: want KEY=VALUE", dotenvPath, i+1)
+			return nil, fmt.Errorf("%s line %d: want KEY=VALUE", path, i+1)
 		}
 		value = strings.TrimSpace(value)
 		if len(value) >= 2 && (value[0] == '"' || value[0] == '\'') && value[len(value)-1] == value[0] {
@@ -235,29 +282,29 @@ func environment(dotenvPath string) (func(string) string, error) {
 		}
 		file[strings.TrimSpace(key)] = value
 	}
-	return func(name string) string {
-		if v, ok := os.LookupEnv(name); ok {
-			return v
-		}
-		return file[name]
-	}, nil
+	return file, nil
 }
 
 // ---------------------------------------------------------------------------
 // main
 
 func main() {
-	getenv, err := environment(".env")
+	dotenv, err := readDotEnv(".env")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wsproxy:", err)
 		os.Exit(2)
 	}
-	cfg, err := loadConfig(getenv)
+	cfg, err := loadConfig(environment(dotenv))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wsproxy:", err)
 		os.Exit(2)
 	}
 	log := newLogger(cfg, os.Stdout)
+	for _, key := range slices.Sorted(maps.Keys(dotenv)) {
+		if !cfg.reads(key) {
+			log.Warn(".env sets a variable wsproxy does not read; check its spelling", "variable", key)
+		}
+	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wsproxy:", err)
@@ -282,7 +329,7 @@ func newLogger(cfg *config, w io.Writer) *slog.Logger {
 // run serves on ln until a signal arrives, then drains (SPEC §5) and returns.
 func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
 	cfg, log := p.cfg, p.log
-	log.Info("starting", "addr", ln.Addr().String(), "config", cfg.redacted())
+	log.Info("starting", "addr", ln.Addr().String(), "config", cfg)
 	if cfg.AuthMode == "none" {
 		log.Warn("AUTH_MODE=none: every client is accepted without a token; use it for local development only")
 	}
@@ -1779,17 +1826,4 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
 	w.WriteHeader(status)
 	w.Write(append(body, '\n'))
-}
-
-// redacted is the configuration as logged at start-up: no secrets.
-func (c *config) redacted() string {
-	safe := *c
-	if u, err := url.Parse(c.RedisURL); err == nil && u.User != nil {
-		u.User = url.UserPassword(u.User.Username(), "REDACTED")
-		safe.RedisURL = u.String()
-	}
-	if safe.JWTSecret != "" {
-		safe.JWTSecret = "REDACTED"
-	}
-	return fmt.Sprintf("%+v", safe)
 }

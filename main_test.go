@@ -1342,6 +1342,7 @@ func TestConfigDefaults(t *testing.T) {
 		AuthMode: "redis", AuthTimeout: 5 * time.Second, AuthGrace: 10800 * time.Second,
 		SubscribeTimeout: 5 * time.Second, MaxConnections: 50000, MaxMessageSize: 1048576, MaxBufferSize: 10485760,
 		MaxTotalBuffer: 128 << 20, IdleTimeout: 0, StreamEndTimeout: 60 * time.Second, UpstreamEnabled: true, LogFormat: "json"}
+	cfg.effective = nil // what the start-up log shows; TestStartupLogsConfigAndUnknownDotEnvKeys
 	if fmt.Sprint(*cfg) != fmt.Sprint(want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", *cfg, want)
 	}
@@ -1375,22 +1376,65 @@ func TestConfigRejectsMalformedValues(t *testing.T) {
 
 func TestDotEnvThenEnvironment(t *testing.T) {
 	path := t.TempDir() + "/.env"
-	os.WriteFile(path, []byte("# comment\nPORT=9000\nexport LOG_FORMAT=\"text\"\nHOST='127.0.0.2'\n\nAUTH_MODE=none\n"), 0o600)
+	os.WriteFile(path, []byte("\ufeff# comment\nPORT=9000\nexport LOG_FORMAT=\"text\"\nHOST='127.0.0.2'\n\nAUTH_MODE=none\nALLOWED_ORIGINS=https://a.example # not a comment\n"), 0o600)
 	t.Setenv("AUTH_MODE", "redis")
-	getenv, err := environment(path)
+	dotenv, err := readDotEnv(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := loadConfig(getenv)
+	cfg, err := loadConfig(environment(dotenv))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Port != 9000 || cfg.LogFormat != "text" || cfg.Host != "127.0.0.2" || cfg.AuthMode != "redis" {
+	if cfg.Port != 9000 || cfg.LogFormat != "text" || cfg.Host != "127.0.0.2" || cfg.AuthMode != "redis" ||
+		!slices.Equal(cfg.AllowedOrigins, []string{"https://a.example # not a comment"}) {
 		t.Errorf("got %+v", cfg)
 	}
 	os.WriteFile(path, []byte("PORT 9000\n"), 0o600)
-	if _, err := environment(path); err == nil || !strings.Contains(err.Error(), "line 1") {
+	if _, err := readDotEnv(path); err == nil || !strings.Contains(err.Error(), "line 1") {
 		t.Errorf("malformed .env: %v", err)
+	}
+}
+
+// A .env key that wsproxy does not read (a typo) is named in one warning at
+// start-up, and the configuration is logged as a JSON object of the
+// variables, secrets redacted.
+func TestStartupLogsConfigAndUnknownDotEnvKeys(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(dir+"/.env", []byte("\ufeffPROT=9000\nport=9001\nLOG_LEVEL=info\nAUTH_MODE=jwt\nJWT_SECRET="+strings.Repeat("j", 32)+"\n"), 0o600)
+	cmd := exec.Command(buildProxy(t))
+	cmd.Dir = dir
+	cmd.Env = []string{"HOST=127.0.0.1", "PORT=" + strconv.Itoa(resFreePort(t)), "REDIS_URL=redis://user:hunter2@127.0.0.1:1"}
+	out := exNewOutput()
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var start map[string]any
+	warned := map[string]bool{}
+	eventually(t, "start-up records", func() bool {
+		for _, line := range strings.Split(out.String(), "\n") {
+			var rec map[string]any
+			json.Unmarshal([]byte(line), &rec)
+			if rec["msg"] == "starting" {
+				start = rec
+			} else if v, ok := rec["variable"].(string); ok && rec["level"] == "WARN" {
+				warned[v] = true
+			}
+		}
+		return start != nil && len(warned) == 2
+	})
+	if !warned["PROT"] || !warned["port"] {
+		t.Errorf("warnings for %v, want PROT and port", warned)
+	}
+	config, ok := start["config"].(map[string]any)
+	if !ok || config["PORT"] == nil || config["AUTH_MODE"] != "jwt" || config["JWT_SECRET"] != "REDACTED" ||
+		config["REDIS_URL"] != "redis://user:REDACTED@127.0.0.1:1" {
+		t.Errorf("config logged as %v", start["config"])
+	}
+	if strings.Contains(out.String(), "hunter2") || strings.Contains(out.String(), strings.Repeat("j", 32)) {
+		t.Error("a secret appears in the log")
 	}
 }
 
