@@ -47,6 +47,7 @@ import (
 	"syscall"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/gomodule/redigo/redis"
 	"golang.org/x/net/websocket"
@@ -515,6 +516,7 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		p.metrics.connections["bad_request"].Add(1)
 		return
 	}
+	c.attach(c.netConn, c.reader)
 	// serve runs on a goroutine of its own, so that this handler returns
 	// and net/http frees what it holds for the request (buffers, a stack
 	// grown deep): a few KiB on every open connection.
@@ -830,14 +832,18 @@ type outFrame struct {
 	op       byte
 	data     []byte // shared by every connection of the session: never modified
 	received int64  // UnixNano when Redis delivered it; 0 for frames wsproxy makes
+	sent     int    // bytes of its encoding already written
 }
 
 // conn is one client. Its reader is serve's goroutine (readLoop), the only one.
-// Its writer (writeLoop) exists only while frames are queued: send starts it,
-// it writes until the queue is empty and returns, so an idle connection costs
-// a socket, a read buffer and one goroutine. At most one writer runs at a
-// time (c.writing), and it alone writes to the socket: data, pings, pongs and
-// the close frame all go through the queue.
+// Frames go out in one of two ways, never both at once. When nothing is
+// queued and no writer runs, send writes the frame itself, with one system
+// call that does not wait (tryWrite): that is how a client that keeps up is
+// served, without waking a goroutine. Whatever the kernel does not take is
+// queued, and a writer (writeLoop) exists only while frames are queued: send
+// starts it, it writes until the queue is empty and returns, so an idle
+// connection costs a socket, a read buffer and one goroutine. At most one
+// writer runs at a time (c.writing), and while it runs only it writes.
 type conn struct {
 	p                  *proxy
 	id                 uint64
@@ -846,24 +852,37 @@ type conn struct {
 	remote             string
 	opened             time.Time
 	netConn            net.Conn
-	reader             *bufio.Reader // read by readLoop alone
+	reader             *bufio.Reader   // read by readLoop alone
+	raw                syscall.RawConn // netConn's file descriptor, for tryWrite
+	once               oneWrite        // tryWrite's system call, and its result
+	attempt            func(uintptr) bool
 
 	lastData  atomic.Int64 // UnixNano of the last data message either way
 	streamEnd atomic.Int64 // UnixNano of the last stream_end, 0 after data
 	pingedAt  time.Time    // owned by the sweeper
 	down, up  atomic.Int64 // messages, for the close log
 
-	mu      sync.Mutex
-	queue   []outFrame
-	spare   []outFrame // the writer's last batch, reused to avoid allocating
-	queued  int        // bytes queued or being written but the close frame's; also in metrics.queuedBytes
-	started bool       // 101 is written: frames may go out
-	writing bool       // a writeLoop is running
-	closing bool       // a close frame is queued, or the socket is done: no more frames
-	dropped bool       // what was queued when closing is discarded, even the batch being written
-	warned  bool       // the 80% warning was logged
-	reason  string     // why the connection closes, for the log
-	writers sync.WaitGroup
+	mu           sync.Mutex
+	queue        []outFrame
+	spare        []outFrame // the writer's last batch, reused to avoid allocating
+	queued       int        // bytes queued or being written but the close frame's; also in metrics.queuedBytes
+	started      bool       // from the 101 until the reader ends: frames may go out
+	writing      bool       // a writeLoop is running
+	flushPending bool       // the Redis reader will flush the queue once it has dispatched all it holds
+	closing      bool       // a close frame is queued, or the socket is done: no more frames
+	dropped      bool       // what was queued when closing is discarded, even the batch being written
+	warned       bool       // the 80% warning was logged
+	reason       string     // why the connection closes, for the log
+	writers      sync.WaitGroup
+}
+
+// attach gives c its socket.
+func (c *conn) attach(netConn net.Conn, reader *bufio.Reader) {
+	c.netConn, c.reader = netConn, reader
+	if sc, ok := netConn.(syscall.Conn); ok {
+		c.raw, _ = sc.SyscallConn()
+	}
+	c.attempt = c.once.attempt // made once: a method value passed on would be made per call
 }
 
 // serve runs the open connection on a goroutine of its own, started by
@@ -876,7 +895,7 @@ func (c *conn) serve() {
 	c.log(slog.LevelInfo, "connection open", "remote", c.remote)
 	c.mu.Lock()
 	c.started = true
-	c.kick()
+	c.flushLocked() // what arrived during the handshake
 	c.mu.Unlock()
 
 	readErr := c.readLoop()
@@ -886,8 +905,8 @@ func (c *conn) serve() {
 	if c.reason == "" {
 		c.reason = readErr.Error()
 	}
-	closeQueued := c.closing // let the writer deliver it; writeWait bounds that
-	c.closing = true
+	closeQueued := c.closing           // let the writer deliver it; writeWait bounds that
+	c.closing, c.started = true, false // no new writer from here on
 	c.mu.Unlock()
 	if !closeQueued { // nothing more to say: unblock a writer stuck on a dead peer
 		c.netConn.Close()
@@ -1052,7 +1071,7 @@ func (c *conn) readPayload(b []byte, h frameHeader, discard bool) ([]byte, error
 func (c *conn) handleControl(op byte, payload []byte) error {
 	switch op {
 	case opPing:
-		c.send(outFrame{op: opPong, data: bytes.Clone(payload)})
+		c.send(outFrame{op: opPong, data: bytes.Clone(payload)}, false)
 	case opClose:
 		code := 1000 // echo the client's code; none given means normal
 		if len(payload) >= 2 {
@@ -1105,33 +1124,38 @@ func (c *conn) handleMessage(op byte, message []byte, tooLarge bool) error {
 func (c *conn) sendError(code, message string) {
 	c.p.metrics.clientErrors[code].Add(1)
 	data, _ := json.Marshal(map[string]string{"type": "control", "command": "error", "code": code, "message": message})
-	c.send(outFrame{op: opText, data: data})
+	c.send(outFrame{op: opText, data: data}, false)
 }
 
-// send queues a frame for the writer. It never blocks, because the Redis
-// reader calls it. A connection is closed with 1008 instead of being waited
-// for when its queue would pass MAX_BUFFER_SIZE_BYTES, or when it is behind
-// and all queues together would pass MAX_TOTAL_BUFFER_BYTES: a client that
-// keeps up (nothing queued) is never closed for the others.
-func (c *conn) send(f outFrame) {
+// send queues a frame and writes the queue at once when the socket can take
+// it (flushLocked). It never blocks, because the Redis reader calls it: the
+// reader defers the write (deferred) until it has dispatched every message
+// it holds, so a burst for one connection goes out in one system call, and
+// send reports whether the connection is waiting for that flush.
+//
+// A connection is closed with 1008 instead of being waited for when its
+// queue would pass MAX_BUFFER_SIZE_BYTES, or when it is behind (its writer
+// waits for the socket) and all queues together would pass
+// MAX_TOTAL_BUFFER_BYTES: a client that keeps up is never closed for others.
+func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closing {
-		return
+		return false
 	}
 	cfg, n := c.p.cfg, len(f.data)
 	limit, bound := "", 0
 	switch {
 	case c.queued+n > cfg.MaxBufferSize:
 		limit, bound = "connection", cfg.MaxBufferSize
-	case c.queued > 0 && c.p.metrics.queuedBytes.Load()+int64(n) > int64(cfg.MaxTotalBuffer):
+	case c.writing && c.p.metrics.queuedBytes.Load()+int64(n) > int64(cfg.MaxTotalBuffer):
 		limit, bound = "total", cfg.MaxTotalBuffer
 	}
 	if limit != "" {
 		c.p.metrics.slowCloses[limit].Add(1)
 		c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit, "limit_bytes", bound)
 		c.closeLocked(1008, "client too slow", true)
-		return
+		return false
 	}
 	c.queue = append(c.queue, f)
 	c.account(n)
@@ -1139,6 +1163,55 @@ func (c *conn) send(f outFrame) {
 		c.warned = true
 		c.log(slog.LevelWarn, "client is falling behind", "queued_bytes", c.queued, "limit_bytes", cfg.MaxBufferSize)
 	}
+	switch {
+	case !c.started || c.writing || c.flushPending: // the open, the writer or the flush takes it
+	case deferred:
+		c.flushPending = true
+		return true
+	default:
+		c.flushLocked()
+	}
+	return false
+}
+
+// flushLocked writes the queue (up to maxWrite bytes, and not the close
+// frame) with one system call that does not wait, and leaves what the kernel
+// did not take to the writer. c.mu is held.
+func (c *conn) flushLocked() {
+	c.flushPending = false
+	if !c.started || c.writing || len(c.queue) == 0 {
+		return
+	}
+	buf := writeBuffers.Get().(*[]byte)
+	defer writeBuffers.Put(buf)
+	b := (*buf)[:0]
+	for i := 0; i < len(c.queue) && len(b) < maxWrite && c.queue[i].op != opClose; i++ {
+		b = appendFrame(b, &c.queue[i])
+	}
+	written, err := c.tryWrite(b)
+	if cap(b) <= 2*maxWrite {
+		*buf = b
+	}
+	if err != nil {
+		c.failLocked(err)
+		return
+	}
+	done, bytes := 0, 0 // frames written whole, and their payload
+	for ; done < len(c.queue) && written > 0; done++ {
+		f := &c.queue[done]
+		left := frameLength(len(f.data)) - f.sent
+		if written < left {
+			f.sent += written
+			break
+		}
+		written -= left
+		bytes += len(f.data)
+	}
+	c.delivered(c.queue[:done]...)
+	c.account(-bytes)
+	rest := copy(c.queue, c.queue[done:])
+	clear(c.queue[rest:])
+	c.queue = c.queue[:rest]
 	c.kick()
 }
 
@@ -1177,7 +1250,8 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 	c.kick()
 }
 
-// kick starts the writer if there is work and none is running. c.mu is held.
+// kick starts the writer if there is work and none is running; serve waits
+// for it. c.mu is held.
 func (c *conn) kick() {
 	if c.started && !c.writing && len(c.queue) > 0 {
 		c.writing = true
@@ -1213,15 +1287,15 @@ func (c *conn) writeLoop() {
 			c.spare = batch
 		}
 		if err != nil || closed {
-			c.closing = true
-			if err != nil && c.reason == "" {
-				c.reason = "write: " + err.Error()
-			}
 			c.writing = false
-			c.mu.Unlock()
 			if err != nil {
-				c.netConn.Close()
-			} else if tcp, ok := c.netConn.(*net.TCPConn); ok {
+				c.failLocked(err)
+				c.mu.Unlock()
+				return
+			}
+			c.closing = true
+			c.mu.Unlock()
+			if tcp, ok := c.netConn.(*net.TCPConn); ok {
 				// Half-close and give the client closeWait to answer our
 				// close frame; the reader sees its close frame or EOF.
 				tcp.CloseWrite()
@@ -1238,34 +1312,22 @@ func (c *conn) writeLoop() {
 // batches. It stops after the close frame, and abandons the batch when the
 // connection was dropped meanwhile (its close frame is queued next).
 func (c *conn) writeBatch(batch []outFrame, buf *[]byte) (closed bool, err error) {
-	m := c.p.metrics
 	for i := 0; i < len(batch) && !closed; {
 		b, counted, start := (*buf)[:0], 0, i
 		for ; i < len(batch) && len(b) < maxWrite && !closed; i++ {
-			b = append(appendFrameHeader(b, batch[i].op, len(batch[i].data)), batch[i].data...)
+			b = appendFrame(b, &batch[i])
 			if closed = batch[i].op == opClose; !closed {
 				counted += len(batch[i].data)
 			}
 		}
-		c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
-		_, err = c.netConn.Write(b)
+		err = c.write(b)
 		if cap(b) <= 2*maxWrite {
 			*buf = b
 		}
 		if err != nil {
 			return closed, err
 		}
-		now := time.Now().UnixNano()
-		data, payload := 0, 0
-		for _, f := range batch[start:i] {
-			if f.received != 0 {
-				data, payload = data+1, payload+len(f.data)
-				m.latency.observe(now - f.received)
-			}
-		}
-		m.messagesDown.Add(int64(data))
-		m.bytesDown.Add(int64(payload))
-		c.down.Add(int64(data))
+		c.delivered(batch[start:i]...)
 		c.mu.Lock()
 		dropped := c.dropped
 		if !dropped {
@@ -1279,9 +1341,101 @@ func (c *conn) writeBatch(batch []outFrame, buf *[]byte) (closed bool, err error
 	return closed, nil
 }
 
+// write writes b whole: first without waiting, and only when the kernel
+// does not take it all at once, with a deadline of writeWait for the rest.
+func (c *conn) write(b []byte) error {
+	n, err := c.tryWrite(b)
+	if err != nil || n == len(b) {
+		return err
+	}
+	c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
+	_, err = c.netConn.Write(b[n:])
+	c.netConn.SetWriteDeadline(time.Time{}) // or tryWrite would fail once it passed
+	return err
+}
+
+// tryWrite writes what the kernel takes of b at once: nothing when the
+// socket's buffer is full. It never waits. Only one of send and the writer
+// calls it at a time (see conn).
+func (c *conn) tryWrite(b []byte) (int, error) {
+	if c.raw == nil {
+		return 0, nil // not a socket: the writer waits instead
+	}
+	c.once.b = b
+	err := c.raw.Write(c.attempt)
+	n, errno := max(c.once.n, 0), c.once.err
+	c.once.b = nil
+	if err == nil && errno != syscall.EAGAIN && errno != syscall.EINTR {
+		err = errno
+	}
+	return n, err
+}
+
+// oneWrite is one write system call, as syscall.RawConn.Write runs it:
+// attempt returns true after one try, so Write never parks the goroutine.
+type oneWrite struct {
+	b   []byte
+	n   int
+	err error
+}
+
+func (w *oneWrite) attempt(fd uintptr) bool {
+	// The socket does not block, so the raw system call: syscall.Write
+	// would tell the scheduler it may block, which wakes its monitor
+	// thread on every message of a busy fan-out.
+	n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(unsafe.SliceData(w.b))), uintptr(len(w.b)))
+	w.n, w.err = int(n), nil
+	if errno != 0 {
+		w.n, w.err = 0, errno
+	}
+	return true
+}
+
+// failLocked ends a connection whose socket failed. c.mu is held.
+func (c *conn) failLocked(err error) {
+	c.closing = true
+	if c.reason == "" {
+		c.reason = "write: " + err.Error()
+	}
+	c.netConn.Close() // the reader fails too, and serve ends the connection
+}
+
+// delivered counts frames written whole: messages, bytes and latency for
+// those that came from Redis.
+func (c *conn) delivered(frames ...outFrame) {
+	m := c.p.metrics
+	now := time.Now().UnixNano()
+	data, payload := 0, 0
+	for i := range frames {
+		if frames[i].received != 0 {
+			data, payload = data+1, payload+len(frames[i].data)
+			m.latency.observe(now - frames[i].received)
+		}
+	}
+	m.messagesDown.Add(int64(data))
+	m.bytesDown.Add(int64(payload))
+	c.down.Add(int64(data))
+}
+
+// appendFrame appends f's encoding (RFC 6455 §5.2: FIN set, for wsproxy
+// never fragments; a server does not mask), but for what was already sent.
+func appendFrame(b []byte, f *outFrame) []byte {
+	start := len(b)
+	b = append(appendFrameHeader(b, f.op, len(f.data)), f.data...)
+	if f.sent == 0 {
+		return b
+	}
+	return append(b[:start], b[start+f.sent:]...)
+}
+
 // writeBuffers holds the writers' encoding buffers: a writer exists only
 // while a connection has something to send, so the buffer outlives it here.
 var writeBuffers = sync.Pool{New: func() any { return new([]byte) }}
+
+// frameLength is the length of a frame's encoding with n bytes of payload.
+func frameLength(n int) int {
+	return len(appendFrameHeader(make([]byte, 0, 10), 0, n)) + n
+}
 
 func appendFrameHeader(b []byte, op byte, n int) []byte {
 	b = append(b, 0x80|op) // FIN: wsproxy never fragments
@@ -1301,7 +1455,7 @@ func (c *conn) sweep(now time.Time) {
 	cfg := c.p.cfg
 	if now.Sub(c.pingedAt) >= cfg.PingInterval {
 		c.pingedAt = now
-		c.send(outFrame{op: opPing})
+		c.send(outFrame{op: opPing}, false)
 	}
 	if cfg.IdleTimeout > 0 && now.UnixNano()-c.lastData.Load() >= int64(cfg.IdleTimeout) {
 		c.closeWith(1000, "idle timeout", false)
@@ -1356,6 +1510,7 @@ type hub struct {
 	psc           *redis.PubSubConn         // nil while Redis is unreachable
 	channels      map[string][]*conn        // connections by channel, handshakes included
 	waiting       map[string][]chan<- error // SUBSCRIBEs sent, oldest first; nil = resubscription
+	flushes       []*conn                   // connections whose queue dispatch deferred; the receiver's alone
 }
 
 func newHub(cfg *config, log *slog.Logger, m *metrics) *hub {
@@ -1463,7 +1618,11 @@ func (h *hub) subscriber(ctx context.Context) error {
 			if err != nil {
 				return nil, err
 			}
-			return &bufferedConn{Conn: c, reader: bufio.NewReaderSize(c, 64<<10)}, nil
+			raw, err := c.(syscall.Conn).SyscallConn()
+			if err != nil {
+				return nil, err
+			}
+			return &bufferedConn{Conn: c, reader: bufio.NewReaderSize(rawReader{raw}, 64<<10), beforeWait: h.flush}, nil
 		}))
 	cancel()
 	if err != nil {
@@ -1580,8 +1739,22 @@ func (h *hub) dispatch(channel string, data []byte, received int64) {
 			c.lastData.Store(f.received)
 			c.streamEnd.Store(0)
 		}
-		c.send(f)
+		if c.send(f, true) {
+			h.flushes = append(h.flushes, c)
+		}
 	}
+}
+
+// flush writes what dispatch deferred. The subscriber's socket calls it
+// when it is about to wait for Redis: every message it had is dispatched.
+func (h *hub) flush() {
+	for _, c := range h.flushes {
+		c.mu.Lock()
+		c.flushLocked()
+		c.mu.Unlock()
+	}
+	clear(h.flushes)
+	h.flushes = h.flushes[:0]
 }
 
 // confirm releases the handshake whose SUBSCRIBE Redis has just confirmed.
@@ -1637,10 +1810,40 @@ func dialRedis(ctx context.Context, cfg *config, options ...redis.DialOption) (r
 type bufferedConn struct {
 	net.Conn
 	reader     *bufio.Reader
-	noDeadline bool // only the receiving goroutine reads and sets deadlines
+	noDeadline bool   // only the receiving goroutine reads and sets deadlines
+	beforeWait func() // called when all that arrived is read: hub.flush
 }
 
-func (c *bufferedConn) Read(p []byte) (int, error) { return c.reader.Read(p) }
+func (c *bufferedConn) Read(p []byte) (int, error) {
+	if c.reader.Buffered() == 0 {
+		c.beforeWait()
+	}
+	return c.reader.Read(p)
+}
+
+// rawReader reads with raw system calls, waiting in the network poller
+// when nothing is there: see oneWrite.attempt.
+type rawReader struct{ raw syscall.RawConn }
+
+func (r rawReader) Read(p []byte) (n int, err error) {
+	werr := r.raw.Read(func(fd uintptr) bool {
+		got, _, errno := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
+		if errno == syscall.EAGAIN {
+			return false
+		}
+		n, err = int(got), nil
+		if errno != 0 {
+			n, err = 0, errno
+		} else if got == 0 {
+			err = io.EOF
+		}
+		return true
+	})
+	if werr != nil {
+		return 0, werr
+	}
+	return n, err
+}
 
 func (c *bufferedConn) SetReadDeadline(t time.Time) error {
 	if t.IsZero() && c.noDeadline {

@@ -1580,7 +1580,8 @@ func benchConns(b *testing.B, n int) (*proxy, []*conn) {
 			b.Fatal(err)
 		}
 		go io.Copy(io.Discard, client) // ends when server closes
-		c := &conn{p: p, channel: "session:bench:down", netConn: server, started: true}
+		c := &conn{p: p, channel: "session:bench:down", started: true}
+		c.attach(server, nil)
 		p.hub.channels[c.channel] = append(p.hub.channels[c.channel], c)
 		conns = append(conns, c)
 		b.Cleanup(func() { c.writers.Wait(); server.Close(); client.Close() })
@@ -1627,6 +1628,7 @@ func BenchmarkWritePath(b *testing.B) {
 	}
 	for i := 0; i < b.N; i++ {
 		p.hub.dispatch("session:bench:down", message, time.Now().UnixNano())
+		p.hub.flush() // as the subscriber does once it has dispatched what it read
 		if i%4096 == 4095 {
 			wait(i - 4096)
 		}
@@ -5047,5 +5049,128 @@ func TestBrowserRefusalWhenRedisIsDown(t *testing.T) {
 	tp := startProxy(t, &testRedis{url: "redis://127.0.0.1:1"}, "AUTH_MODE=none")
 	if code, reason := refusedWith(t, tp, "/agent/ws/s", http.Header{"Origin": {"http://localhost"}}); code != 4503 || reason != "redis_unavailable" {
 		t.Errorf("close %d %q, want 4503 redis_unavailable", code, reason)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// The write path: a frame goes to the socket straight from send when
+// nothing is queued, and the writer takes over only what the kernel refused.
+
+// connOf returns the proxy's one open connection of a session.
+func connOf(t *testing.T, tp *testProxy, sessionID string) *conn {
+	t.Helper()
+	var c *conn
+	eventually(t, "the connection in the hub", func() bool {
+		tp.p.hub.mu.Lock()
+		defer tp.p.hub.mu.Unlock()
+		if conns := tp.p.hub.channels["session:"+sessionID+":down"]; len(conns) == 1 {
+			conns[0].mu.Lock()
+			if conns[0].started { // serve has begun
+				c = conns[0]
+			}
+			conns[0].mu.Unlock()
+		}
+		return c != nil
+	})
+	return c
+}
+
+// A frame the kernel takes only part of (the client's receive buffer is
+// tiny and it is not reading) is finished by the writer, and every message
+// before and after arrives whole and in publish order, whichever path wrote
+// it.
+func TestPartialWriteContinuesInOrder(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	client, res, err := tryDialWith(smallBuffer, tp.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+	if client == nil {
+		t.Fatalf("%d %v", res.status, err)
+	}
+	client.t = t
+	defer client.conn.Close()
+	c := connOf(t, tp, id)
+
+	var want []string
+	publish := func(m string) { r.publish(t, id, m); want = append(want, m) }
+	publish(`{"seq":0}`) // written directly
+	if got := client.readText(); got != want[0] {
+		t.Fatalf("got %s", got)
+	}
+	big := `"` + strings.Repeat("b", 60000) + `"` // more than the socket takes at once
+	for i := 1; ; i++ {
+		publish(fmt.Sprintf(`{"seq":%d,"pad":%s}`, i, big))
+		c.mu.Lock()
+		partial := len(c.queue) > 0 && c.queue[0].sent > 0
+		writing := c.writing
+		c.mu.Unlock()
+		if partial || writing {
+			break // the kernel refused part of a frame: the writer has it
+		}
+		if i == 200 {
+			t.Fatal("12 MB published and the socket never refused a byte")
+		}
+	}
+	for i := 0; i < 20; i++ {
+		publish(fmt.Sprintf(`{"seq":"after %d"}`, i)) // queued behind the partial frame
+	}
+	for i, w := range want[1:] {
+		if got := client.readText(); got != w {
+			t.Fatalf("message %d: got %.40q, want %.40q", i+1, got, w)
+		}
+	}
+	eventually(t, "the writer done", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return !c.writing })
+	publish(`{"seq":"direct again"}`)
+	if got := client.readText(); got != want[len(want)-1] {
+		t.Errorf("got %s", got)
+	}
+	eventually(t, "nothing queued", func() bool { return tp.p.metrics.queuedBytes.Load() == 0 })
+}
+
+// A close queued right after a direct write, or behind a partial one, goes
+// out after the data, and last.
+func TestCloseGoesOutAfterDirectWrites(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	for _, partial := range []bool{false, true} {
+		id, token := r.session(t)
+		client, res, err := tryDialWith(smallBuffer, tp.addr, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}}, true)
+		if client == nil {
+			t.Fatalf("%d %v", res.status, err)
+		}
+		client.t = t
+		defer client.conn.Close()
+		c := connOf(t, tp, id)
+		// Small frames go out whole; 60 kB ones until the kernel refuses part of one.
+		var messages []string
+		for queued := false; !queued; {
+			if len(messages) == 200 {
+				t.Fatal("the socket never refused a byte")
+			}
+			m := `"` + strings.Repeat("d", 100) + `"`
+			if partial {
+				m = `"` + strings.Repeat("d", 60000) + `"`
+			}
+			messages = append(messages, m)
+			c.send(outFrame{op: opText, data: []byte(m), received: time.Now().UnixNano()}, false) // as flush does
+			c.mu.Lock()
+			queued = len(c.queue) > 0
+			c.mu.Unlock()
+			if !partial {
+				if queued {
+					t.Fatal("a 100-byte frame was queued, not written")
+				}
+				break
+			}
+		}
+		c.closeWith(1000, "bye", false)
+		for i, m := range messages {
+			if got := client.readText(); got != m {
+				t.Errorf("partial %v: message %d is %.30q", partial, i, got)
+			}
+		}
+		if code, reason := client.expectClose(5 * time.Second); code != 1000 || reason != "bye" {
+			t.Errorf("partial %v: close %d %q", partial, code, reason)
+		}
 	}
 }
