@@ -2585,9 +2585,9 @@ func TestMain(m *testing.M) {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 4: the example programs, the browser client in a real
-// headless Chromium, the FastAPI worker, and the walkthroughs of README.md
-// and examples/README.md run exactly as written. They run real processes
+// The example programs, the browser client in a real headless Chromium,
+// the FastAPI worker, and the walkthroughs of README.md and
+// examples/README.md run exactly as written. They run real processes
 // (the proxy binary, the example binaries, redis-server, chromium, uvicorn)
 // and skip with a message naming what is missing.
 
@@ -2601,13 +2601,13 @@ const exWait = 20 * time.Second
 var exProxyVariables = []string{
 	"HOST", "PORT", "REDIS_URL", "AUTH_MODE", "AUTH_TIMEOUT_SECS", "AUTH_GRACE_PERIOD_SECS", "JWT_SECRET",
 	"WS_PING_INTERVAL_SECS", "WS_PING_TIMEOUT_SECS", "SHUTDOWN_GRACE_PERIOD_SECS", "SUBSCRIBE_TIMEOUT_SECS",
-	"MAX_CONNECTIONS", "MAX_MESSAGE_SIZE_BYTES", "MAX_BUFFER_SIZE_BYTES", "IDLE_TIMEOUT_SECS",
+	"MAX_CONNECTIONS", "MAX_MESSAGE_SIZE_BYTES", "MAX_BUFFER_SIZE_BYTES", "MAX_TOTAL_BUFFER_BYTES", "IDLE_TIMEOUT_SECS",
 	"STREAM_END_TIMEOUT_SECS", "UPSTREAM_ENABLED", "ALLOWED_ORIGINS", "LOG_LEVEL", "LOG_FORMAT",
 	"WSPROXY_URL",
 }
 
 // ---------------------------------------------------------------------------
-// The browser client (issue 4 items 6 and 7)
+// The browser client
 
 // TestBrowserClient opens examples/browser/index.html in headless Chromium
 // against a real proxy and Redis: a message published to the down channel
@@ -2682,6 +2682,133 @@ func TestBrowserClient(t *testing.T) {
 	}
 	page.waitFor("the message published after the reconnection",
 		`[...document.querySelectorAll("#log .msg .body")].some(e => e.textContent === `+exJS(again)+`)`)
+}
+
+// TestBrowserClientRefusals: the page says why the proxy refused it, in
+// words, and acts on the close code. Refused for good (4401 unknown_session,
+// 4403 invalid_token), it stops: the proxy sees that one handshake and no
+// more, and #status shows the refused state, not retrying. Refused for now
+// (4503 too_many_connections, with MAX_CONNECTIONS=1 and the one connection
+// taken), it backs off and retries, keeps what the user sent, and connects
+// once there is room.
+func TestBrowserClientRefusals(t *testing.T) {
+	chromium := exChromiumPath(t)
+	redisURL := exRedisURL(t)
+	bin := exBuild(t)
+	port := resFreePort(t)
+	proxy := exStartProxy(t, bin, redisURL, port, "MAX_CONNECTIONS=1")
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+
+	sessionID, token := exRandomID("refusals"), exRandomID("token")
+	exRedisDo(t, redisURL, "SET", "session:"+sessionID+":auth", token, "EX", 600)
+	up := exSubscribe(t, redisURL, "session:"+sessionID+":up")
+
+	pages := httptest.NewServer(http.FileServer(http.Dir("examples/browser")))
+	t.Cleanup(pages.Close)
+	query := url.Values{"url": {"ws://" + addr}, "agent": {"browser-agent"}}
+	page := exOpenPage(t, chromium, pages.URL+"/index.html?"+query.Encode())
+	connect := func(session, token string) {
+		page.eval(`document.getElementById("session").value = ` + exJS(session) +
+			`; document.getElementById("token").value = ` + exJS(token) +
+			`; document.getElementById("connect").click(); true`)
+	}
+	status := func() (state, retrying, text string) {
+		value, _ := page.eval(`JSON.stringify([document.getElementById("status").dataset.state,
+			document.getElementById("status").dataset.retrying, document.getElementById("status").textContent])`).(string)
+		var fields []string
+		json.Unmarshal([]byte(value), &fields)
+		if len(fields) != 3 {
+			t.Fatalf("#status reads %q", value)
+		}
+		return fields[0], fields[1], fields[2]
+	}
+	refusals := func() int { return strings.Count(proxy.output.String(), `msg="handshake refused"`) }
+
+	for i, tc := range []struct {
+		name, session, token, code, reason, result, words string
+	}{
+		{"unknown session", exRandomID("no-such-session"), token, "4401", "unknown_session", "unauthorized",
+			"refused: unknown_session (4401) - get a new token"},
+		{"wrong token", sessionID, "wrong-token", "4403", "invalid_token", "forbidden",
+			"refused: invalid_token (4403) - get a new token"},
+	} {
+		connect(tc.session, tc.token)
+		page.waitFor(tc.name+" refused", `document.getElementById("status").dataset.state === "refused"`)
+		if got := page.eval(`document.getElementById("close-code").dataset.code + " " + document.getElementById("close-code").dataset.reason`); got != tc.code+" "+tc.reason {
+			t.Errorf("%s: #close-code data = %q, want %q", tc.name, got, tc.code+" "+tc.reason)
+		}
+		if _, retrying, text := status(); text != tc.words || retrying != "false" {
+			t.Errorf("%s: #status %q, data-retrying=%s; want %q, not retrying", tc.name, text, retrying, tc.words)
+		}
+		page.waitFor(tc.name+" in #log", `[...document.querySelectorAll("#log .close .body")].some(e => e.textContent === `+exJS(tc.words)+`)`)
+		// It stays refused: the backoff would have retried within 0.6 s.
+		series := `wsproxy_connections_total{result="` + tc.result + `"}`
+		resFor(t, 2*time.Second, func() {
+			if n := resMetric(t, addr, series); n != 1 {
+				t.Fatalf("%s: %s = %v, want 1: the page retried a refusal for good; page: %s", tc.name, series, n, page.state())
+			}
+		})
+		if state, retrying, _ := status(); state != "refused" || retrying != "false" {
+			t.Fatalf("%s: after 2 s the page is %s (retrying %s), want still refused; page: %s", tc.name, state, retrying, page.state())
+		}
+		if n := refusals(); n != i+1 {
+			t.Errorf("%s: the proxy logged %d refusals in all, want %d", tc.name, n, i+1)
+		}
+	}
+
+	// Refused for now. The one connection MAX_CONNECTIONS allows is taken;
+	// the user sends a message, which connects.
+	config, err := websocket.NewConfig("ws://"+addr+"/holder/ws/"+sessionID, "http://localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	config.Header.Set("Authorization", "Bearer "+token)
+	holder, err := websocket.DialConfig(config)
+	if err != nil {
+		t.Fatalf("the connection that fills the proxy: %v", err)
+	}
+	t.Cleanup(func() { holder.Close() })
+	page.eval(`document.getElementById("session").value = ` + exJS(sessionID) + `; document.getElementById("token").value = ` + exJS(token) + `; true`)
+	kept := `{"type":"chat","text":"sent while the proxy was full"}`
+	page.eval(`document.getElementById("outgoing").value = ` + exJS(kept) + `; document.getElementById("send").click(); true`)
+	page.waitFor("the page backing off after 4503",
+		`document.getElementById("close-code").dataset.code === "4503" && document.getElementById("status").dataset.state === "reconnecting"`)
+	if got := page.eval(`document.getElementById("close-code").dataset.reason`); got != "too_many_connections" {
+		t.Errorf("#close-code data-reason = %v, want too_many_connections", got)
+	}
+	if _, retrying, text := status(); retrying != "true" || !strings.Contains(text, "too_many_connections (4503)") {
+		t.Errorf("#status %q, data-retrying=%s; want the reason and retrying", text, retrying)
+	}
+	// Retries, further and further apart: attempt 2 comes 0.4-0.6 s after
+	// the first refusal, attempt 3 0.8-1.2 s after the second.
+	page.waitFor("a third attempt scheduled", `document.getElementById("status").textContent.includes("attempt 3")`)
+	if n := resMetric(t, addr, `wsproxy_connections_total{result="rejected"}`); n < 2 {
+		t.Errorf("the proxy refused %v handshakes as too_many_connections, want the first and a retry", n)
+	}
+	select {
+	case got := <-up:
+		t.Fatalf("%s reached the up channel through a refused connection", got)
+	default:
+	}
+	// Room again: the page connects by itself and sends what was kept, once.
+	holder.Close()
+	page.waitFor("the page to connect once there is room", `document.getElementById("status").dataset.state === "open"`)
+	if _, retrying, _ := status(); retrying != "false" {
+		t.Errorf("open, data-retrying = %s, want false", retrying)
+	}
+	select {
+	case got := <-up:
+		if string(got) != kept {
+			t.Fatalf("up channel received %q, want %q", got, kept)
+		}
+	case <-time.After(exWait):
+		t.Fatalf("the message kept while refused never arrived; page: %s", page.state())
+	}
+	select {
+	case got := <-up:
+		t.Fatalf("up channel received %q as well, want the kept message once", got)
+	case <-time.After(500 * time.Millisecond):
+	}
 }
 
 // exPage drives one page of a headless Chromium over the DevTools protocol.
@@ -2871,14 +2998,16 @@ func exJS(s string) string {
 }
 
 // ---------------------------------------------------------------------------
-// The FastAPI worker (issue 4 item 8)
+// The FastAPI worker
 
-// TestFastAPIWorker runs examples/fastapi_worker with Debian's python3 and
+// TestFastAPIWorker runs examples/fastapi_worker with the command
+// examples/README.md gives (Debian's python3), on a port of its own, and
 // drives a session end to end: create it over HTTP, connect a WebSocket
 // client through the proxy, ask over HTTP and receive the streamed tokens and
 // stream_end, then ask and send through the up channel and get the answers.
 func TestFastAPIWorker(t *testing.T) {
-	python := "/usr/bin/python3"
+	command := exDocCommand(t, "examples/README.md", " -m uvicorn ")
+	python := command[0]
 	if err := exec.Command(python, "-c", "import fastapi, uvicorn, redis.asyncio").Run(); err != nil {
 		t.Skipf("%s cannot import fastapi, uvicorn and redis.asyncio (apt-get install python3-fastapi python3-uvicorn python3-redis): %v", python, err)
 	}
@@ -2888,14 +3017,22 @@ func TestFastAPIWorker(t *testing.T) {
 	exStartProxy(t, bin, redisURL, proxyPort)
 	proxyURL := fmt.Sprintf("ws://127.0.0.1:%d", proxyPort)
 
+	// The documented command, run from the repository root as documented,
+	// with the port changed to one that is free.
 	workerPort := resFreePort(t)
-	appDir, err := filepath.Abs("examples/fastapi_worker")
+	args := append([]string(nil), command[1:]...)
+	if i := slices.Index(args, "--port"); i < 0 || i+1 == len(args) {
+		t.Fatalf("examples/README.md: %q names no --port", command)
+	} else {
+		args[i+1] = strconv.Itoa(workerPort)
+	}
+	root, err := os.Getwd()
 	if err != nil {
 		t.Fatal(err)
 	}
-	worker := exStart(t, "fastapi worker", t.TempDir(),
+	worker := exStart(t, "fastapi worker", root,
 		exEnv("REDIS_URL="+redisURL, "WSPROXY_URL="+proxyURL, "TOKEN_DELAY_SECS=0.01", "PYTHONDONTWRITEBYTECODE=1"), nil,
-		python, "-m", "uvicorn", "main:app", "--app-dir", appDir, "--host", "127.0.0.1", "--port", strconv.Itoa(workerPort))
+		python, append(args, "--host", "127.0.0.1")...)
 	worker.waitOutput(t, "uvicorn to listen", func(s string) bool { return strings.Contains(s, "Uvicorn running on") })
 	api := fmt.Sprintf("http://127.0.0.1:%d", workerPort)
 
@@ -3017,7 +3154,7 @@ func exPostJSON(t *testing.T, target, body string, wantStatus int, result any) {
 }
 
 // ---------------------------------------------------------------------------
-// The Go example programs (issue 4 items 1-4)
+// The Go example programs
 
 // TestExampleClientReassemblesFragmentsAndReportsClose runs ws_bidir_client
 // against a server that splits a message over three frames with a ping
@@ -3092,6 +3229,113 @@ func TestExampleClientReassemblesFragmentsAndReportsClose(t *testing.T) {
 	}
 }
 
+// TestExampleClientRefusal: a refused connect is one handshake (one
+// refusal in the proxy's metrics and log), prints the reason on one line
+// and exits with status 3 (refused for good) or 4 (refused for now). Against
+// the proxy, which answers the client's Origin header with a 101 and a close
+// 4000 + status, "connected" is never printed; against a server answering
+// the HTTP status with the proxy's JSON body, the message is printed too.
+func TestExampleClientRefusal(t *testing.T) {
+	bin := exBuild(t)
+	redisURL := exRedisURL(t)
+	port := resFreePort(t)
+	proxy := exStartProxy(t, bin, redisURL, port, "MAX_CONNECTIONS=1")
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	sessionID, token := exRandomID("client"), exRandomID("token")
+	exRedisDo(t, redisURL, "SET", "session:"+sessionID+":auth", token, "EX", 600)
+
+	// run runs the client to its exit and returns what it printed and its exit status.
+	run := func(wsURL string, args ...string) (string, int) {
+		t.Helper()
+		client := exStart(t, "ws_bidir_client", t.TempDir(), exEnv("WSPROXY_URL="+wsURL), nil,
+			filepath.Join(bin, "ws_bidir_client"), append([]string{"-ping-interval", "0"}, args...)...)
+		err := client.waitExit(exWait)
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) {
+			t.Fatalf("ws_bidir_client %q: %v, want a non-zero exit status\n%s", args, err, client.output)
+		}
+		return client.output.String(), exit.ExitCode()
+	}
+	expect := func(name, output string, status int, want []string, wantStatus int) {
+		t.Helper()
+		if got := strings.Split(strings.TrimSpace(output), "\n"); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s: printed\n%s\nwant exactly\n%s", name, output, strings.Join(want, "\n"))
+		}
+		if status != wantStatus {
+			t.Errorf("%s: exit status %d, want %d", name, status, wantStatus)
+		}
+	}
+
+	var holder *websocket.Conn
+	for i, tc := range []struct {
+		name, session, token, refusal, result string
+		status                                int
+	}{
+		{"unknown session", "no-such-session", token, "refused: 4401 unknown_session", "unauthorized", 3},
+		{"wrong token", sessionID, "wrong-token", "refused: 4403 invalid_token", "forbidden", 3},
+		{"too many connections", sessionID, token, "refused: 4503 too_many_connections", "rejected", 4},
+	} {
+		if tc.result == "rejected" { // take the one connection MAX_CONNECTIONS allows
+			config, err := websocket.NewConfig("ws://"+addr+"/holder/ws/"+sessionID, "http://localhost")
+			if err != nil {
+				t.Fatal(err)
+			}
+			config.Header.Set("Authorization", "Bearer "+token)
+			if holder, err = websocket.DialConfig(config); err != nil {
+				t.Fatalf("the connection that fills the proxy: %v", err)
+			}
+			t.Cleanup(func() { holder.Close() })
+		}
+		output, status := run("ws://"+addr, "agent-1", tc.session, tc.token)
+		expect(tc.name, output, status, []string{"connecting to ws://" + addr + "/agent-1/ws/" + tc.session, tc.refusal}, tc.status)
+		series := `wsproxy_connections_total{result="` + tc.result + `"}`
+		if n := resMetric(t, addr, series); n != 1 {
+			t.Errorf("%s: %s = %v, want 1: one handshake", tc.name, series, n)
+		}
+		if n := strings.Count(proxy.output.String(), `msg="handshake refused"`); n != i+1 {
+			t.Errorf("%s: the proxy logged %d refusals in all, want %d:\n%s", tc.name, n, i+1, proxy.output)
+		}
+	}
+
+	// A refusal by HTTP status (the proxy's answer to a request without an
+	// Origin header), from a server that counts the handshakes it answers.
+	var mu sync.Mutex
+	handshakes := 0
+	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		handshakes++
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		if strings.HasSuffix(r.URL.Path, "/draining") {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, `{"error":"draining","message":"the server is shutting down; reconnect to another instance"}`)
+			return
+		}
+		w.WriteHeader(http.StatusUnauthorized)
+		io.WriteString(w, `{"error":"unknown_session","message":"no token is stored for this session"}`)
+	}))
+	t.Cleanup(server.Close)
+	wsURL := strings.Replace(server.URL, "http://", "ws://", 1)
+	for _, tc := range []struct {
+		name, session, refusal string
+		status                 int
+	}{
+		{"HTTP 401", "gone", "refused: 401 unknown_session: no token is stored for this session", 3},
+		{"HTTP 503", "draining", "refused: 503 draining: the server is shutting down; reconnect to another instance", 4},
+	} {
+		mu.Lock()
+		handshakes = 0
+		mu.Unlock()
+		output, status := run(wsURL, "agent-1", tc.session, token)
+		expect(tc.name, output, status, []string{"connecting to " + wsURL + "/agent-1/ws/" + tc.session, tc.refusal}, tc.status)
+		mu.Lock()
+		if handshakes != 1 {
+			t.Errorf("%s: the server answered %d handshakes, want 1", tc.name, handshakes)
+		}
+		mu.Unlock()
+	}
+}
+
 // TestExamplesRejectBadArguments: each program exits with status 2 and a
 // one-line usage when its arguments are wrong.
 func TestExamplesRejectBadArguments(t *testing.T) {
@@ -3151,7 +3395,7 @@ func exReadClientFrame(r *bufio.Reader) (opcode byte, payload []byte, err error)
 }
 
 // ---------------------------------------------------------------------------
-// The walkthroughs (issue 4 items 5 and 9)
+// The walkthroughs
 
 // TestWalkthrough runs the walkthroughs of README.md and examples/README.md
 // exactly as written, against a real proxy and Redis, and checks that each
@@ -3165,10 +3409,13 @@ func exReadClientFrame(r *bufio.Reader) (opcode byte, payload []byte, err error)
 //	                                         "..." stands for any text
 //	<!-- walkthrough: terminal N input -->   lines typed into the program running in terminal N
 //	<!-- walkthrough: terminal N ctrl+c -->  Ctrl+C in terminal N (no block); it must exit with status 0
+//	<!-- walkthrough: terminal N exit S -->  the program in terminal N exits with status S (no block)
 //
-// Steps run in document order. A command runs to completion before the next
-// step unless an output block for its terminal follows it directly (then
-// that output is awaited) or it starts the proxy (then /ready is awaited).
+// Steps run in document order. A command runs to completion, with status 0,
+// before the next step unless an output block or an exit status for its
+// terminal follows it directly (then that output is awaited, and a status
+// other than 0 must be the one an exit marker names) or it starts the proxy
+// (then /ready is awaited).
 // Commands may be `redis-cli ...`, `curl ...`, `go run .` (the proxy) and
 // `go run ./examples/NAME ...`, with optional VAR=value prefixes and simple
 // shell quoting; anything else fails the test, so a document cannot show a
@@ -3196,15 +3443,97 @@ func TestWalkthrough(t *testing.T) {
 	}
 }
 
+// TestWalkthroughPorts checks what examples/README.md shows but the
+// walkthrough cannot run, because its output differs on every run: the
+// static server of the browser page and the FastAPI worker, which run side
+// by side. Each has a port of its own, neither the proxy's nor Redis's;
+// every address in the document is one of the four; the page's links go to
+// the static server and the worker's endpoints to the worker; the worker
+// runs with Debian's /usr/bin/python3, the interpreter that sees the
+// python3-fastapi, python3-uvicorn and python3-redis packages.
+// (TestFastAPIWorker runs the worker's command itself.)
+func TestWalkthroughPorts(t *testing.T) {
+	const document = "examples/README.md"
+	text, err := os.ReadFile(document)
+	if err != nil {
+		t.Fatal(err)
+	}
+	static := exDocCommand(t, document, " -m http.server ")
+	worker := exDocCommand(t, document, " -m uvicorn ")
+	staticPort := static[len(static)-1]
+	workerPort := ""
+	if i := slices.Index(worker, "--port"); i >= 0 && i+1 < len(worker) {
+		workerPort = worker[i+1]
+	}
+	if worker[0] != "/usr/bin/python3" {
+		t.Errorf("the worker runs with %s, want Debian's /usr/bin/python3", worker[0])
+	}
+	if _, err := strconv.Atoi(staticPort); err != nil || staticPort == workerPort || staticPort == "8080" || staticPort == "6379" ||
+		workerPort == "" || workerPort == "8080" || workerPort == "6379" {
+		t.Fatalf("static server on port %q, worker on %q: want two ports of their own, neither 8080 (the proxy) nor 6379 (Redis)", staticPort, workerPort)
+	}
+	address := regexp.MustCompile(`(?:127\.0\.0\.1|localhost):(\d+)([^\s>)'` + "`" + `]*)`)
+	for n, line := range strings.Split(string(text), "\n") {
+		for _, match := range address.FindAllStringSubmatch(line, -1) {
+			port, rest := match[1], match[2]
+			want := ""
+			switch {
+			case strings.Contains(rest, "autoconnect=") || strings.HasPrefix(rest, "/?url="):
+				want = staticPort // a link to the page
+			case strings.HasPrefix(rest, "/sessions"):
+				want = workerPort
+			}
+			switch {
+			case want != "" && port != want:
+				t.Errorf("%s:%d: %s: port %s, want %s", document, n+1, match[0], port, want)
+			case port != "8080" && port != "6379" && port != staticPort && port != workerPort:
+				t.Errorf("%s:%d: %s: port %s is neither the proxy's, Redis's, the static server's (%s) nor the worker's (%s)",
+					document, n+1, match[0], port, staticPort, workerPort)
+			}
+		}
+	}
+}
+
+// exDocCommand returns, split into words, the one command of a document's
+// fenced blocks that contains part.
+func exDocCommand(t *testing.T, path, part string) []string {
+	t.Helper()
+	text, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found []string
+	inBlock := false
+	for _, line := range strings.Split(string(text), "\n") {
+		trimmed := strings.TrimSpace(line)
+		if strings.HasPrefix(trimmed, "```") {
+			inBlock = !inBlock
+			continue
+		}
+		if inBlock && !strings.HasPrefix(trimmed, "#") && strings.Contains(" "+trimmed+" ", part) {
+			found = append(found, trimmed)
+		}
+	}
+	if len(found) != 1 {
+		t.Fatalf("%s: %d commands contain %q, want 1: %q", path, len(found), part, found)
+	}
+	words, err := exSplitWords(found[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return words
+}
+
 // exStep is one marked step of a walkthrough.
 type exStep struct {
 	line     int    // of the marker, for messages
 	terminal int    // N of "terminal N"
-	kind     string // "commands", "output", "input" or "ctrl+c"
+	kind     string // "commands", "output", "input", "ctrl+c" or "exit"
 	lines    []string
+	status   int // of "exit"
 }
 
-var exMarker = regexp.MustCompile(`^<!--\s*walkthrough:\s*terminal\s+(\d+)(?:\s+(output|input|ctrl\+c))?\s*-->$`)
+var exMarker = regexp.MustCompile(`^<!--\s*walkthrough:\s*terminal\s+(\d+)(?:\s+(output|input|ctrl\+c|exit\s+(\d+)))?\s*-->$`)
 
 // exParseWalkthrough reads the marked steps of a markdown document.
 func exParseWalkthrough(path string) ([]exStep, error) {
@@ -3225,10 +3554,14 @@ func exParseWalkthrough(path string) ([]exStep, error) {
 		}
 		step := exStep{line: i + 1, kind: match[2]}
 		step.terminal, _ = strconv.Atoi(match[1])
-		if step.kind == "" {
+		switch {
+		case step.kind == "":
 			step.kind = "commands"
+		case strings.HasPrefix(step.kind, "exit"):
+			step.kind = "exit"
+			step.status, _ = strconv.Atoi(match[3])
 		}
-		if step.kind != "ctrl+c" {
+		if step.kind != "ctrl+c" && step.kind != "exit" {
 			// The fenced block must follow, after blank lines at most.
 			j := i + 1
 			for j < len(lines) && strings.TrimSpace(lines[j]) == "" {
@@ -3315,8 +3648,8 @@ func exRunWalkthrough(t *testing.T, steps []exStep, bin, redisURL string) {
 				switch {
 				case isProxy:
 					exWaitReady(t, process, proxyPort)
-				case last && i+1 < len(steps) && steps[i+1].kind == "output" && steps[i+1].terminal == step.terminal:
-					// The output block that follows says when it is ready.
+				case last && exNextIs(steps, i, "output", "exit"):
+					// The output block or exit status that follows says when it is ready.
 				default:
 					if err := process.waitExit(exWait); err != nil {
 						t.Fatalf("%s: %q: %v", where, line, err)
@@ -3351,10 +3684,12 @@ func exRunWalkthrough(t *testing.T, steps []exStep, bin, redisURL string) {
 				t.Fatalf("%s: after %v terminal %d has not printed:\n%s", where, exWait, step.terminal, strings.Join(step.lines, "\n"))
 			}
 			if term.running != nil && exHasExited(term.running) {
-				if term.running.err != nil {
+				switch {
+				case term.running.err == nil:
+					term.running = nil
+				case !exNextIs(steps, i, "exit"):
 					t.Fatalf("%s: %s: %v", where, term.running.name, term.running.err)
 				}
-				term.running = nil
 			}
 		case "input":
 			if term.running == nil {
@@ -3375,8 +3710,29 @@ func exRunWalkthrough(t *testing.T, steps []exStep, bin, redisURL string) {
 				t.Fatalf("%s: %s after Ctrl+C: %v", where, term.running.name, err)
 			}
 			term.running = nil
+		case "exit":
+			if term.running == nil {
+				t.Fatalf("%s: an exit status for a terminal that runs nothing", where)
+			}
+			status := 0
+			var exit *exec.ExitError
+			if err := term.running.waitExit(exWait); errors.As(err, &exit) {
+				status = exit.ExitCode()
+			} else if err != nil {
+				t.Fatalf("%s: %v", where, err)
+			}
+			if status != step.status {
+				t.Fatalf("%s: %s exited with status %d, want %d", where, term.running.name, status, step.status)
+			}
+			term.running = nil
 		}
 	}
+}
+
+// exNextIs tells whether the step after steps[i] is of one of kinds, for the
+// same terminal.
+func exNextIs(steps []exStep, i int, kinds ...string) bool {
+	return i+1 < len(steps) && steps[i+1].terminal == steps[i].terminal && slices.Contains(kinds, steps[i+1].kind)
 }
 
 // exAssignment is a VAR=value word before a command.

@@ -13,9 +13,13 @@ A background task reads every session's up channel (PSUBSCRIBE
 session:*:up). A client message holding a "prompt" string is answered like
 /ask; any other message is echoed back as {"type":"data","payload":{"echo": ...}}.
 
-Run from the repository root (Debian: apt install python3-fastapi python3-uvicorn python3-redis):
+Run from the repository root with Debian 12's interpreter, after installing
+the packages as root (or with sudo): apt-get install python3-fastapi
+python3-uvicorn python3-redis. A pyenv or virtualenv python3 does not see
+Debian's packages; in a virtualenv, pip install -r
+examples/fastapi_worker/requirements.txt and use its python.
 
-    python3 -m uvicorn main:app --app-dir examples/fastapi_worker --port 8000
+    /usr/bin/python3 -m uvicorn main:app --app-dir examples/fastapi_worker --port 8000
 
 Environment: REDIS_URL (redis://127.0.0.1:6379), WSPROXY_URL
 (ws://127.0.0.1:8080, the address clients use), SESSION_TTL_SECS (3600),

@@ -7,9 +7,32 @@
 //
 //	go run ./examples/ws_bidir_client [-ping-interval 3s] [-origin URL] <agent_id> <session_id> <token>
 //
+//	-ping-interval  time between ping messages (default 3s; 0 sends none)
+//	-origin         the Origin header (default http://localhost); it must be
+//	                listed in the proxy's ALLOWED_ORIGINS when that is set
+//
 // The proxy's address comes from WSPROXY_URL (default ws://127.0.0.1:8080).
 // The token travels in the Authorization header, as a non-browser client
 // should send it; browsers use ?token= instead (see examples/browser).
+//
+// The handshake is made exactly once. A refused one prints a single line and
+// exits with status 3 or 4. The proxy refuses in one of two ways: a request
+// with an Origin header (this client always sends one) gets a 101 followed
+// at once by a close frame with code 4000 + the HTTP status and the error
+// code as reason, printed as "refused: 4401 unknown_session"; a request
+// without one gets the HTTP status and a JSON body, printed as
+// "refused: 401 unknown_session: <message>".
+//
+// Exit status:
+//
+//	0  the connection ended with a close frame (Ctrl+C, or the proxy closed it)
+//	1  the connection could not be made, or was lost
+//	2  bad arguments (a one-line usage is printed)
+//	3  refused for good: HTTP 4xx or close 4400-4499 (bad request, missing,
+//	   wrong or expired token, unknown session, origin not allowed); trying
+//	   again will not help without a new token or a fixed request
+//	4  refused for now: HTTP 5xx or close 4500-4599 (draining, too many
+//	   connections, Redis unavailable or slow); try again later, with backoff
 //
 // x/net/websocket's Message.Receive returns single frames and hides close
 // frames, so this client reads frames itself (readMessage): it reassembles
@@ -18,10 +41,9 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
-	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -45,6 +67,10 @@ const usage = "usage: ws_bidir_client [-ping-interval 3s] [-origin URL] <agent_i
 const (
 	// handshakeTimeout bounds connecting and the opening handshake.
 	handshakeTimeout = 10 * time.Second
+	// refusalWait is how long "connected" waits for a close frame that
+	// refuses the handshake just completed: the proxy sends it right after
+	// the 101, so it arrives with it or not at all.
+	refusalWait = 250 * time.Millisecond
 	// writeTimeout bounds each frame this client writes.
 	writeTimeout = 10 * time.Second
 	// closeTimeout is how long Ctrl+C waits for the proxy to answer our close frame.
@@ -52,12 +78,20 @@ const (
 	// maxMessageSize bounds a reassembled message (the proxy's own outbound
 	// buffer defaults to 10 MiB, so nothing legitimate is larger).
 	maxMessageSize = 32 << 20
+	// maxRecorded bounds what is kept of the handshake's answer.
+	maxRecorded = 64 << 10
 
 	// Close codes, RFC 6455 section 7.4.1.
 	closeNormal        = 1000
 	closeProtocolError = 1002
 	closeNoStatus      = 1005
 	closeTooBig        = 1009
+
+	// Exit statuses (see the package comment).
+	exitFailed     = 1
+	exitUsage      = 2
+	exitRefused    = 3
+	exitRetryLater = 4
 )
 
 // validID is the proxy's rule for agent and session ids.
@@ -89,17 +123,45 @@ type closeStatus struct {
 	err      error
 }
 
+// refusal is the proxy refusing the handshake, either way it does so.
+type refusal struct {
+	code    int    // the HTTP status, or the close code (4000 + the HTTP status)
+	reason  string // the proxy's error code, such as unknown_session
+	message string // the HTTP answer's message; a close frame carries none
+}
+
+func (r *refusal) Error() string {
+	text := fmt.Sprintf("refused: %d %s", r.code, r.reason)
+	if r.message != "" {
+		text += ": " + r.message
+	}
+	return text
+}
+
+// exitStatus is 4 when trying again later may succeed (5xx, 45xx), else 3.
+func (r *refusal) exitStatus() int {
+	if r.code%1000 >= 500 {
+		return exitRetryLater
+	}
+	return exitRefused
+}
+
+// isRefusal tells a close code the proxy refuses a handshake with: 4000 +
+// an HTTP status 400-599. The proxy closes an open connection only with
+// 1000-1011, or with the client's own code echoed.
+func isRefusal(code int) bool { return code >= 4400 && code <= 4599 }
+
 func main() {
 	flags := flag.NewFlagSet("ws_bidir_client", flag.ContinueOnError)
 	flags.Usage = func() { fmt.Fprintln(os.Stderr, usage) }
 	pingInterval := flags.Duration("ping-interval", 3*time.Second, "time between ping messages; 0 sends none")
 	origin := flags.String("origin", "http://localhost", "Origin header; must be listed in the proxy's ALLOWED_ORIGINS when that is set")
 	if err := flags.Parse(os.Args[1:]); err != nil {
-		os.Exit(2)
+		os.Exit(exitUsage)
 	}
 	if flags.NArg() != 3 || !validID.MatchString(flags.Arg(0)) || !validID.MatchString(flags.Arg(1)) ||
 		flags.Arg(2) == "" || *pingInterval < 0 {
-		fail(2, usage)
+		fail(exitUsage, usage)
 	}
 	agentID, sessionID, token := flags.Arg(0), flags.Arg(1), flags.Arg(2)
 
@@ -109,21 +171,43 @@ func main() {
 	location := strings.TrimRight(getenv("WSPROXY_URL", "ws://127.0.0.1:8080"), "/") + "/" + agentID + "/ws/" + sessionID
 	config, err := websocket.NewConfig(location, *origin)
 	if err != nil {
-		fail(2, "bad WSPROXY_URL or -origin: "+err.Error())
+		fail(exitUsage, "bad WSPROXY_URL or -origin: "+err.Error())
 	}
 	config.Header.Set("Authorization", "Bearer "+token)
 
 	out.Printf("connecting to %s", location)
 	ws, conn, err := dial(ctx, config)
-	if err != nil {
-		fail(1, "connect failed: "+explainHandshakeFailure(ctx, config, err))
+	var refused *refusal
+	if errors.As(err, &refused) {
+		fail(refused.exitStatus(), refused.Error())
+	} else if err != nil {
+		fail(exitFailed, "connect failed: "+err.Error())
 	}
-	out.Printf("connected")
 
 	// readMessages owns every read of the socket; it ends when a close frame
-	// arrives or the connection fails, and reports which on closed.
+	// arrives or the connection fails, and reports which on closed. It
+	// prints nothing before shown is closed.
 	closed := make(chan closeStatus, 1)
-	go func() { closed <- readMessages(ws) }()
+	first := make(chan struct{}, 1)
+	shown := make(chan struct{})
+	go func() { closed <- readMessages(ws, first, shown) }()
+
+	// A refused handshake is a 101 and at once a close frame: give it a
+	// moment to arrive before saying "connected".
+	select {
+	case <-first:
+	case status := <-closed:
+		if status.received && isRefusal(status.code) {
+			answerClose(conn, ws, status.code)
+			conn.Close()
+			refused := &refusal{code: status.code, reason: status.reason}
+			fail(refused.exitStatus(), refused.Error())
+		}
+		closed <- status // an ordinary end, reported below
+	case <-time.After(refusalWait):
+	}
+	out.Printf("connected")
+	close(shown)
 
 	// readLines never ends while standard input stays open; the process
 	// exit ends it.
@@ -149,17 +233,15 @@ func main() {
 		case status := <-closed:
 			if !status.received {
 				conn.Close()
-				fail(1, "connection lost: "+status.err.Error())
+				fail(exitFailed, "connection lost: "+status.err.Error())
+			}
+			answerClose(conn, ws, status.code)
+			conn.Close()
+			if isRefusal(status.code) { // arrived later than refusalWait
+				refused := &refusal{code: status.code, reason: status.reason}
+				fail(refused.exitStatus(), refused.Error())
 			}
 			out.Printf("closed: code=%d reason=%q", status.code, status.reason)
-			// RFC 6455 section 5.5.1: answer a close frame with one, echoing its code.
-			reply := status.code
-			if reply == closeNoStatus {
-				reply = closeNormal
-			}
-			conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-			ws.WriteClose(reply)
-			conn.Close()
 			return
 		case <-ctx.Done():
 			// Ctrl+C: start the closing handshake and wait briefly for the answer.
@@ -181,9 +263,22 @@ func main() {
 	}
 }
 
-// dial connects to the proxy and performs the opening handshake. It keeps the
-// underlying connection so that closing it never sends a second close frame
-// (websocket.Conn.Close always writes one).
+// answerClose answers a close frame with one echoing its code (RFC 6455
+// section 5.5.1).
+func answerClose(conn net.Conn, ws *websocket.Conn, code int) {
+	if code == closeNoStatus {
+		code = closeNormal
+	}
+	conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	ws.WriteClose(code)
+}
+
+// dial connects to the proxy and performs the opening handshake, once. It
+// keeps the underlying connection so that closing it never sends a second
+// close frame (websocket.Conn.Close always writes one). A refusal by HTTP
+// status is returned as a *refusal, read from the answer to this very
+// handshake: x/net/websocket only says "bad status", so the bytes it read
+// are recorded and parsed again.
 func dial(ctx context.Context, config *websocket.Config) (*websocket.Conn, net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	defer cancel()
@@ -206,51 +301,64 @@ func dial(ctx context.Context, config *websocket.Config) (*websocket.Conn, net.C
 	}
 	deadline, _ := ctx.Deadline()
 	conn.SetDeadline(deadline)
-	ws, err := websocket.NewClient(config, conn)
+	// Ctrl+C during the handshake ends it at once.
+	interrupted := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
+	recorder := &recordingConn{Conn: conn, recording: true}
+	ws, err := websocket.NewClient(config, recorder)
 	if err != nil {
+		if errors.Is(err, websocket.ErrBadStatus) {
+			err = readRefusal(recorder.data.Bytes(), conn)
+		}
+		interrupted()
 		conn.Close()
 		return nil, nil, err
+	}
+	recorder.recording = false // before the reading goroutine starts
+	if !interrupted() {
+		conn.Close()
+		return nil, nil, ctx.Err()
 	}
 	conn.SetDeadline(time.Time{})
 	return ws, conn, nil
 }
 
-// explainHandshakeFailure turns x/net/websocket's "bad status" into the
-// proxy's own answer by repeating the handshake as a plain HTTP request, so a
-// user sees for example "401 unknown_session: ..." rather than "bad status".
-func explainHandshakeFailure(ctx context.Context, config *websocket.Config, dialErr error) string {
-	if !errors.Is(dialErr, websocket.ErrBadStatus) {
-		return dialErr.Error()
+// recordingConn keeps a copy of what is read while recording.
+type recordingConn struct {
+	net.Conn
+	recording bool
+	data      bytes.Buffer
+}
+
+func (c *recordingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if c.recording && c.data.Len()+n <= maxRecorded {
+		c.data.Write(p[:n])
 	}
-	target := *config.Location
-	target.Scheme = map[string]string{"ws": "http", "wss": "https"}[target.Scheme]
-	request, err := http.NewRequestWithContext(ctx, http.MethodGet, target.String(), nil)
+	return n, err
+}
+
+// readRefusal parses the answer to a handshake that was not 101: the bytes
+// x/net/websocket read, then, should the body be longer, the connection.
+// The proxy answers a refusal with its JSON error body,
+// {"error":"<code>","message":"..."}.
+func readRefusal(answer []byte, conn net.Conn) error {
+	reader := bufio.NewReader(io.MultiReader(bytes.NewReader(answer), conn))
+	response, err := http.ReadResponse(reader, &http.Request{Method: http.MethodGet})
 	if err != nil {
-		return dialErr.Error()
-	}
-	key := make([]byte, 16)
-	rand.Read(key)
-	request.Header = config.Header.Clone()
-	request.Header.Set("Origin", config.Origin.String())
-	request.Header.Set("Upgrade", "websocket")
-	request.Header.Set("Connection", "Upgrade")
-	request.Header.Set("Sec-WebSocket-Version", "13")
-	request.Header.Set("Sec-WebSocket-Key", base64.StdEncoding.EncodeToString(key))
-	client := &http.Client{Timeout: handshakeTimeout}
-	response, err := client.Do(request)
-	if err != nil {
-		return dialErr.Error()
+		return fmt.Errorf("%w (the answer cannot be read: %v)", websocket.ErrBadStatus, err)
 	}
 	defer response.Body.Close()
-	if response.StatusCode == http.StatusSwitchingProtocols {
-		return dialErr.Error() + " (a second attempt succeeded: try again)"
-	}
 	body, _ := io.ReadAll(io.LimitReader(response.Body, 4096))
-	var answer struct{ Error, Message string }
-	if json.Unmarshal(body, &answer) == nil && answer.Error != "" {
-		return fmt.Sprintf("%d %s: %s", response.StatusCode, answer.Error, answer.Message)
+	text, _, _ := strings.Cut(strings.TrimSpace(string(body)), "\n")
+	if response.StatusCode < 400 || response.StatusCode > 599 {
+		return fmt.Errorf("%s, want 101 Switching Protocols: %s", response.Status, text)
 	}
-	return fmt.Sprintf("%s: %s", response.Status, strings.TrimSpace(string(body)))
+	var proxyError struct{ Error, Message string }
+	if json.Unmarshal(body, &proxyError) == nil && proxyError.Error != "" {
+		return &refusal{code: response.StatusCode, reason: proxyError.Error, message: proxyError.Message}
+	}
+	// Not the proxy's answer: something in front of it, perhaps.
+	return &refusal{code: response.StatusCode, reason: http.StatusText(response.StatusCode), message: text}
 }
 
 // send prints one text message and writes it. Printing first keeps "sent:"
@@ -263,16 +371,23 @@ func send(conn net.Conn, ws *websocket.Conn, message string) {
 	}
 }
 
-// readMessages prints every message until the connection ends.
-func readMessages(ws *websocket.Conn) closeStatus {
-	for {
+// readMessages prints every message until the connection ends. On the first
+// message it signals first and waits for shown, so that "connected" is
+// printed before it.
+func readMessages(ws *websocket.Conn, first chan<- struct{}, shown <-chan struct{}) closeStatus {
+	for started := false; ; started = true {
 		opcode, message, err := readMessage(ws)
 		if err != nil {
 			return closeStatus{err: err}
 		}
-		switch opcode {
-		case websocket.CloseFrame:
+		if opcode == websocket.CloseFrame {
 			return parseClose(message)
+		}
+		if !started {
+			first <- struct{}{}
+			<-shown
+		}
+		switch opcode {
 		case websocket.BinaryFrame:
 			out.Printf("received binary message: %d bytes", len(message))
 		case websocket.TextFrame:
