@@ -10,14 +10,16 @@
 // publishes after the client's onopen is lost. One Redis connection receives
 // for every session; a pool of others serves GET, EXPIRE, DEL and PUBLISH.
 //
-// The file reads top to bottom: configuration, main, HTTP handlers, the
-// WebSocket connection, the hub that owns the Redis subscription, metrics,
-// small helpers. The behaviour contract is SPEC.md; README.md has the tour.
+// The file reads top to bottom: configuration, main, the handshake, the
+// connection (its reader, then its writer), the hub that owns the Redis
+// subscription, metrics, small helpers. README.md is the contract; comments
+// cite its sections as "README: <section>".
 package main
 
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -53,16 +55,16 @@ import (
 	"golang.org/x/net/websocket"
 )
 
-// Timing that is not configurable, and how it relates.
+// Timing and sizes that are not configurable, and how they relate.
 const (
-	// writeWait bounds one write to a client. A client whose socket accepts
-	// nothing for this long is gone, whatever its queue holds.
+	// writeWait bounds a write that has to wait for the socket: a client
+	// that takes nothing for this long is gone, whatever its queue holds.
 	writeWait = 10 * time.Second
 	// closeWait is how long a closing connection waits for the client's
 	// close frame after sending its own (RFC 6455 §7.1.1).
 	closeWait = 2 * time.Second
-	// The shared subscriber sends PING every redisPingPeriod and gives up on
-	// a connection that has said nothing for redisReadTimeout: longer than
+	// The subscriber sends PING every redisPingPeriod and gives up on a
+	// connection that has said nothing for redisReadTimeout: longer than
 	// the period, so a slow reply is not taken for a dead connection.
 	redisPingPeriod  = 2 * time.Second
 	redisReadTimeout = redisPingPeriod + 3*time.Second
@@ -72,30 +74,30 @@ const (
 	// jitter so that many instances do not hammer a recovering Redis together.
 	reconnectMin = 100 * time.Millisecond
 	reconnectMax = 5 * time.Second
-	// maxWrite is about what one write system call sends to a client.
-	maxWrite = 64 << 10
 	// healthTimeout: /health answers 503 when Redis does not PONG in time.
 	healthTimeout = time.Second
+	// maxWrite is about what one write system call sends to a client.
+	maxWrite = 64 << 10
 	// readChunk is the most a message grows by before its bytes arrive:
 	// memory follows what a client sent, never the length it claimed.
 	readChunk = 32 << 10
+	// keepaliveChannel is subscribed by every instance and published to by
+	// none: it keeps the subscriber in subscribed mode even with no client,
+	// where Redis answers PING in a form PubSubConn parses.
+	keepaliveChannel = "wsproxy:keepalive"
 )
 
 // Plain HTTP requests (health checks, metrics, handshakes) must arrive
 // within httpRequestTimeout, and an idle keep-alive connection is closed
-// after httpIdleTimeout. A WebSocket clears these deadlines once it is
-// upgraded: its own (liveness, writeWait) rule it from then on. Variables
-// only so that tests can shorten them.
+// after httpIdleTimeout. An upgraded WebSocket clears these deadlines: its
+// own (liveness, writeWait) rule it. Variables so that tests can shorten them.
 var (
 	httpRequestTimeout = 10 * time.Second
 	httpIdleTimeout    = 60 * time.Second
 )
 
-// keepaliveChannel is subscribed by every instance and published to by none.
-const keepaliveChannel = "wsproxy:keepalive"
-
 // ---------------------------------------------------------------------------
-// Configuration
+// Configuration (README: Configuration)
 
 // config is every setting, read once at start-up by loadConfig.
 type config struct {
@@ -121,7 +123,7 @@ type config struct {
 	LogLevel         slog.Level    // LOG_LEVEL: debug, info (default), warn, error
 	LogFormat        string        // LOG_FORMAT: json (default) or text
 
-	effective []any // variable names and values as read, secrets redacted, for the start-up log
+	effective []slog.Attr // each variable as read, secrets redacted: the start-up log
 }
 
 // loadConfig reads every variable through getenv and returns the first
@@ -149,23 +151,21 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		UpstreamEnabled:  l.oneOf("UPSTREAM_ENABLED", "true", "false") == "true",
 		LogFormat:        l.oneOf("LOG_FORMAT", "json", "text"),
 	}
+	c.LogLevel.UnmarshalText([]byte(l.oneOf("LOG_LEVEL", "info", "debug", "warn", "error")))
 	for _, o := range strings.Split(l.str("ALLOWED_ORIGINS", ""), ",") {
 		if o = strings.TrimSpace(o); o != "" {
 			c.AllowedOrigins = append(c.AllowedOrigins, strings.TrimSuffix(o, "/"))
 		}
 	}
-	if err := c.LogLevel.UnmarshalText([]byte(l.oneOf("LOG_LEVEL", "info", "debug", "warn", "error"))); err != nil {
-		l.fail("LOG_LEVEL", "%v", err)
-	}
-	if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
-		// The URL may hold a password, so it is not repeated.
-		l.fail("REDIS_URL", "must be a redis:// or rediss:// URL with a host")
-	} else if u.User != nil {
+	switch u, err := url.Parse(c.RedisURL); {
+	case err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "":
+		l.fail("REDIS_URL", "must be a redis:// or rediss:// URL with a host") // it may hold a password: not repeated
+	case u.User != nil:
 		u.User = url.UserPassword(u.User.Username(), "REDACTED")
-		l.effective[slices.Index(l.effective, any("REDIS_URL"))+1] = u.String()
+		l.redact("REDIS_URL", u.String())
 	}
 	if c.JWTSecret != "" {
-		l.effective[slices.Index(l.effective, any("JWT_SECRET"))+1] = "REDACTED"
+		l.redact("JWT_SECRET", "REDACTED")
 	}
 	if c.AuthMode == "jwt" && len(c.JWTSecret) < 32 {
 		l.fail("JWT_SECRET", "must be at least 32 bytes when AUTH_MODE=jwt")
@@ -177,12 +177,12 @@ func loadConfig(getenv func(string) string) (*config, error) {
 	return c, l.err
 }
 
-// loader reads variables for loadConfig: it keeps the first malformed one
-// and, for the start-up log, the effective value of each.
+// loader reads variables for loadConfig, keeping the first malformed one
+// and the effective value of each.
 type loader struct {
 	getenv    func(string) string
 	err       error
-	effective []any // name, value, name, value, ...
+	effective []slog.Attr
 }
 
 func (l *loader) fail(name, format string, args ...any) {
@@ -196,8 +196,12 @@ func (l *loader) str(name, def string) string {
 	if v == "" {
 		v = def
 	}
-	l.effective = append(l.effective, name, v)
+	l.effective = append(l.effective, slog.String(name, v))
 	return v
+}
+
+func (l *loader) redact(name, v string) {
+	l.effective[slices.IndexFunc(l.effective, func(a slog.Attr) bool { return a.Key == name })].Value = slog.StringValue(v)
 }
 
 func (l *loader) oneOf(name string, def string, others ...string) string {
@@ -222,40 +226,18 @@ func (l *loader) seconds(name string, def float64, allowZero bool) time.Duration
 	v := l.str(name, strconv.FormatFloat(def, 'f', -1, 64))
 	f, err := strconv.ParseFloat(v, 64)
 	if err != nil || math.IsNaN(f) || f < 0 || f > 1e9 || (f == 0 && !allowZero) {
-		what := map[bool]string{false: "a positive number of seconds", true: "a number of seconds, 0 or more"}[allowZero]
-		l.fail(name, "must be %s, got %q", what, v)
+		l.fail(name, "must be %s, got %q", map[bool]string{false: "a positive number of seconds", true: "a number of seconds, 0 or more"}[allowZero], v)
 	}
 	return time.Duration(f * float64(time.Second))
 }
 
-// LogValue is the configuration in the start-up log: the variables by name,
-// as in the environment, with secrets redacted.
-func (c *config) LogValue() slog.Value {
-	var attrs []slog.Attr
-	for i := 0; i < len(c.effective); i += 2 {
-		attrs = append(attrs, slog.Any(c.effective[i].(string), c.effective[i+1]))
-	}
-	return slog.GroupValue(attrs...)
-}
+// LogValue is the configuration as the start-up log shows it: a JSON
+// object of the variables, by the names the environment uses.
+func (c *config) LogValue() slog.Value { return slog.GroupValue(c.effective...) }
 
-// environment looks a variable up in the real environment, then in .env.
-func environment(dotenv map[string]string) func(string) string {
-	return func(name string) string {
-		if v, ok := os.LookupEnv(name); ok {
-			return v
-		}
-		return dotenv[name]
-	}
-}
-
-// reads reports whether loadConfig reads the variable name.
+// reads reports whether name is a variable wsproxy reads.
 func (c *config) reads(name string) bool {
-	for i := 0; i < len(c.effective); i += 2 {
-		if c.effective[i] == name {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(c.effective, func(a slog.Attr) bool { return a.Key == name })
 }
 
 // readDotEnv returns the KEY=VALUE lines of a .env file, if there is one.
@@ -269,8 +251,7 @@ func readDotEnv(path string) (map[string]string, error) {
 	}
 	file := map[string]string{}
 	for i, line := range strings.Split(strings.TrimPrefix(string(data), "\ufeff"), "\n") {
-		line = strings.TrimSpace(line)
-		if line == "" || strings.HasPrefix(line, "#") {
+		if line = strings.TrimSpace(line); line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
 		key, value, ok := strings.Cut(strings.TrimPrefix(line, "export "), "=")
@@ -286,16 +267,25 @@ func readDotEnv(path string) (map[string]string, error) {
 	return file, nil
 }
 
+// environment looks a variable up in the real environment, then in .env.
+func environment(dotenv map[string]string) func(string) string {
+	return func(name string) string {
+		if v, ok := os.LookupEnv(name); ok {
+			return v
+		}
+		return dotenv[name]
+	}
+}
+
 // ---------------------------------------------------------------------------
 // main
 
 func main() {
 	dotenv, err := readDotEnv(".env")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "wsproxy:", err)
-		os.Exit(2)
+	var cfg *config
+	if err == nil {
+		cfg, err = loadConfig(environment(dotenv))
 	}
-	cfg, err := loadConfig(environment(dotenv))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wsproxy:", err)
 		os.Exit(2)
@@ -327,68 +317,27 @@ func newLogger(cfg *config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
-// run serves on ln until a signal arrives, then drains (SPEC §5) and returns.
-func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
-	cfg, log := p.cfg, p.log
-	log.Info("starting", "addr", ln.Addr().String(), "config", cfg)
-	if cfg.AuthMode == "none" {
-		log.Warn("AUTH_MODE=none: every client is accepted without a token; use it for local development only")
-	}
-	ctx, stopHub := context.WithCancel(context.Background())
-	hubDone := make(chan struct{})
-	go func() { defer close(hubDone); p.hub.run(ctx) }()
-	go p.sweepLoop(ctx) // ends with ctx
-
-	srv := &http.Server{Handler: p, ReadTimeout: httpRequestTimeout, IdleTimeout: httpIdleTimeout,
-		// A handshake may wait for Redis before it writes its 101.
-		WriteTimeout: httpRequestTimeout + cfg.AuthTimeout + cfg.SubscribeTimeout,
-		ErrorLog:     slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	select {
-	case err := <-served:
-		stopHub()
-		return err
-	case s := <-signals:
-		log.Info("shutdown signal received", "signal", s.String())
-	}
-	p.drain(signals)
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	srv.Shutdown(shutdownCtx) // hijacked WebSockets are not its business; they are closed already
-	stopHub()
-	<-hubDone
-	p.pool.Close()
-	log.Info("stopped")
-	return nil
-}
-
-// ---------------------------------------------------------------------------
-// HTTP handlers
-
 // proxy is the whole service: the HTTP side, the hub, and the Redis pool.
 type proxy struct {
 	cfg      *config
 	log      *slog.Logger
 	mux      *http.ServeMux
-	pool     *redis.Pool // GET, EXPIRE, DEL, PUBLISH, health PING
+	pool     *redis.Pool // GET, EXPIRE, DEL, PUBLISH and the health PING
 	hub      *hub
 	metrics  *metrics
 	draining atomic.Bool
 	slots    atomic.Int64  // connections open or in their handshake, for MAX_CONNECTIONS
 	nextID   atomic.Uint64 // connection ids for logs
-	closed   chan struct{} // poked whenever a connection ends, for drain
+	released chan struct{} // poked whenever a slot is released, for drain
 }
 
 func newProxy(cfg *config, log *slog.Logger) *proxy {
-	p := &proxy{cfg: cfg, log: log, mux: http.NewServeMux(), metrics: newMetrics(), closed: make(chan struct{}, 1)}
+	p := &proxy{cfg: cfg, log: log, mux: http.NewServeMux(), metrics: newMetrics(), released: make(chan struct{}, 1)}
+	p.hub = &hub{cfg: cfg, log: log, metrics: p.metrics, channels: map[string][]*conn{}, waiting: map[string][]chan<- error{}}
 	p.pool = &redis.Pool{
 		// Bounded, so that a burst of handshakes or disconnects queues for
 		// a connection instead of opening thousands of them to Redis.
-		MaxActive:   128,
-		MaxIdle:     128,
-		Wait:        true,
-		IdleTimeout: time.Minute,
+		MaxActive: 128, MaxIdle: 128, Wait: true, IdleTimeout: time.Minute,
 		DialContext: func(ctx context.Context) (redis.Conn, error) { return dialRedis(ctx, cfg) },
 		// A connection that sat idle, or that predates a lost subscriber,
 		// may have died with Redis: check it before use, but only then, to
@@ -401,7 +350,6 @@ func newProxy(cfg *config, log *slog.Logger) *proxy {
 			return err
 		},
 	}
-	p.hub = newHub(cfg, log, p.metrics)
 	p.mux.HandleFunc("/{agent}/ws/{session}", p.handleWebSocket)
 	p.mux.HandleFunc("/health", getOnly(p.handleHealth))
 	p.mux.HandleFunc("/ready", getOnly(p.handleReady))
@@ -413,6 +361,107 @@ func newProxy(cfg *config, log *slog.Logger) *proxy {
 }
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) { p.mux.ServeHTTP(w, r) }
+
+// run serves on ln until a signal arrives, then drains and returns
+// (README: Operations, Shutdown).
+func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
+	p.log.Info("starting", "addr", ln.Addr().String(), "config", p.cfg)
+	if p.cfg.AuthMode == "none" {
+		p.log.Warn("AUTH_MODE=none: every client is accepted without a token; use it for local development only")
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	var background sync.WaitGroup
+	defer background.Wait()
+	defer stop()
+	background.Go(func() { p.hub.run(ctx) })
+	background.Go(func() { p.sweepLoop(ctx) })
+
+	srv := &http.Server{Handler: p, ReadTimeout: httpRequestTimeout, IdleTimeout: httpIdleTimeout,
+		WriteTimeout: httpRequestTimeout + p.cfg.AuthTimeout + p.cfg.SubscribeTimeout, // a handshake waits for Redis before its 101
+		ErrorLog:     slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }() // ends with Shutdown below
+	select {
+	case err := <-served:
+		return err
+	case s := <-signals:
+		p.log.Info("shutdown signal received", "signal", s.String())
+	}
+	p.drain(signals)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	srv.Shutdown(shutdownCtx) // hijacked WebSockets are not its business; they are closed already
+	stop()
+	background.Wait()
+	p.pool.Close()
+	p.log.Info("stopped")
+	return nil
+}
+
+// drain refuses new connections and lets open ones run until they end or
+// SHUTDOWN_GRACE_PERIOD_SECS passes, then closes them with 1001 after their
+// queues are written. A second signal closes them at once.
+func (p *proxy) drain(signals <-chan os.Signal) {
+	p.draining.Store(true)
+	deadline := time.Now().Add(p.cfg.ShutdownGrace)
+	progress := func() {
+		p.log.Info("draining", "connections", p.metrics.active.Load(), "deadline", deadline.Format(time.RFC3339Nano))
+	}
+	progress()
+	grace, ticker := time.NewTimer(p.cfg.ShutdownGrace), time.NewTicker(5*time.Second)
+	defer grace.Stop()
+	defer ticker.Stop()
+	var giveUp <-chan time.Time // set once the close frames are on their way
+	for p.slots.Load() > 0 {
+		select {
+		case <-p.released:
+		case <-ticker.C:
+			progress()
+		case <-grace.C:
+			p.log.Info("grace period over: closing connections with 1001", "connections", p.metrics.active.Load())
+			p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", false) })
+			giveUp = time.After(writeWait + closeWait)
+		case s := <-signals:
+			p.log.Info("second signal: closing connections with 1001 now", "signal", s.String(), "connections", p.metrics.active.Load())
+			p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", true) })
+			giveUp = time.After(closeWait + time.Second)
+		case <-giveUp:
+			p.log.Warn("connections still open at exit", "connections", p.slots.Load())
+			return
+		}
+	}
+}
+
+// releaseSlot ends a handshake or a connection, and wakes drain.
+func (p *proxy) releaseSlot() {
+	p.slots.Add(-1)
+	select {
+	case p.released <- struct{}{}:
+	default:
+	}
+}
+
+// sweepLoop is the one timer of all connections: pings (liveness), and the
+// idle and stream-end timeouts. One goroutine instead of a ticker per
+// connection keeps an idle connection down to its socket and reader.
+func (p *proxy) sweepLoop(ctx context.Context) {
+	period := p.cfg.PingInterval
+	for _, d := range []time.Duration{p.cfg.IdleTimeout, p.cfg.StreamEndTimeout} {
+		if d > 0 && d < period {
+			period = d
+		}
+	}
+	ticker := time.NewTicker(min(max(period/10, 10*time.Millisecond), time.Second))
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-ticker.C:
+			p.hub.eachConn(func(c *conn) { c.sweep(now) })
+		}
+	}
+}
 
 func (p *proxy) handleHealth(w http.ResponseWriter, r *http.Request) {
 	status, body := http.StatusOK, map[string]any{"status": "healthy", "redis": "connected"}
@@ -446,99 +495,78 @@ func (p *proxy) handleReady(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// handshakeError is a refusal before 101 (SPEC §2).
+// ---------------------------------------------------------------------------
+// The handshake (README: Handshake, Authentication)
+
+// handshakeError is a refusal before 101.
 type handshakeError struct {
 	status        int
 	code, message string
 }
 
-// handleWebSocket runs every check of SPEC §2 in order, subscribes, and only
-// then lets x/net/websocket answer 101. The checks live here rather than in
-// websocket.Server.Handshake because that hook can only answer 403.
+// handleWebSocket makes every check, subscribes, and only then lets
+// x/net/websocket answer 101. The checks are made here rather than in
+// websocket.Server.Handshake, which can only answer 403.
 func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet {
 		w.Header().Set("Allow", "GET")
 		writeJSON(w, http.StatusMethodNotAllowed, errorBody("method_not_allowed", "use GET"))
 		return
 	}
-	agentID, sessionID := r.PathValue("agent"), r.PathValue("session")
-	if !validID(agentID) || !validID(sessionID) {
-		p.refuse(w, r, &handshakeError{400, "bad_request", "agent_id and session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ -"})
-		return
-	}
-	if p.draining.Load() {
-		p.refuse(w, r, &handshakeError{503, "draining", "the server is shutting down; reconnect to another instance"})
-		return
-	}
-	opened := false // once open, serve releases the slot
-	defer func() {
-		if !opened {
-			p.releaseSlot()
-		}
-	}()
-	if p.slots.Add(1) > int64(p.cfg.MaxConnections) {
-		p.refuse(w, r, &handshakeError{503, "too_many_connections", "the server is at MAX_CONNECTIONS"})
-		return
-	}
-	if herr := p.checkHandshake(r, sessionID); herr != nil {
+	c, herr := p.handshake(r)
+	if herr != nil {
 		p.refuse(w, r, herr)
 		return
 	}
-	c := &conn{p: p, id: p.nextID.Add(1), agentID: agentID, sessionID: sessionID,
-		channel: "session:" + sessionID + ":down", remote: r.RemoteAddr, opened: time.Now()}
-	c.pingedAt = c.opened // the first ping goes out one interval after the open
-	c.lastData.Store(c.opened.UnixNano())
-	confirmed, err := p.hub.subscribe(c)
-	if err != nil {
-		p.refuse(w, r, &handshakeError{503, "redis_unavailable", "Redis is unavailable"})
-		return
-	}
-	timeout := time.NewTimer(p.cfg.SubscribeTimeout)
-	defer timeout.Stop()
-	select {
-	case err = <-confirmed:
-	case <-timeout.C:
-		err = errSubscribeTimeout
-	case <-r.Context().Done(): // the client left: refuse counts an abort
-		err = r.Context().Err()
-	}
-	if err != nil {
+	netConn, reader := upgrade(w, r)
+	if netConn == nil { // x/net/websocket refused what isUpgrade accepted
 		p.hub.leave(c)
-		if err == errSubscribeTimeout {
-			p.refuse(w, r, &handshakeError{504, "subscribe_timeout", "Redis did not confirm the subscription in time"})
-		} else {
-			p.refuse(w, r, &handshakeError{503, "redis_unavailable", "Redis is unavailable"})
-		}
-		return
-	}
-	if c.netConn, c.reader = upgrade(w, r); c.netConn == nil { // x/net/websocket refused what checkHandshake accepted
-		p.hub.leave(c)
+		p.releaseSlot()
 		p.metrics.connections["bad_request"].Add(1)
 		return
 	}
-	c.attach(c.netConn, c.reader)
+	c.attach(netConn, reader)
 	// serve runs on a goroutine of its own, so that this handler returns
 	// and net/http frees what it holds for the request (buffers, a stack
 	// grown deep): a few KiB on every open connection.
-	opened = true
 	go c.serve()
 }
 
-// releaseSlot ends a handshake or a connection, and wakes drain, which
-// waits for the count to reach zero.
-func (p *proxy) releaseSlot() {
-	p.slots.Add(-1)
-	select {
-	case p.closed <- struct{}{}:
-	default:
+// handshake makes the checks in their order. On success the connection
+// holds a slot, which serve releases, and its own confirmed subscription.
+func (p *proxy) handshake(r *http.Request) (*conn, *handshakeError) {
+	agentID, sessionID := r.PathValue("agent"), r.PathValue("session")
+	if !validID(agentID) || !validID(sessionID) {
+		return nil, &handshakeError{400, "bad_request", "agent_id and session_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ -"}
 	}
+	if p.draining.Load() {
+		return nil, &handshakeError{503, "draining", "the server is shutting down; reconnect to another instance"}
+	}
+	if p.slots.Add(1) > int64(p.cfg.MaxConnections) {
+		p.releaseSlot()
+		return nil, &handshakeError{503, "too_many_connections", "the server is at MAX_CONNECTIONS"}
+	}
+	if herr := p.authorize(r, sessionID); herr != nil {
+		p.releaseSlot()
+		return nil, herr
+	}
+	c := &conn{p: p, id: p.nextID.Add(1), agentID: agentID, sessionID: sessionID,
+		channel: "session:" + sessionID + ":down", remote: r.RemoteAddr, opened: time.Now()}
+	c.pingedAt, c.lastData = c.opened, c.opened.UnixNano() // the first ping goes out one interval after the open
+	if herr := p.hub.join(r.Context(), c); herr != nil {
+		p.releaseSlot()
+		return nil, herr
+	}
+	return c, nil
 }
 
-// checkHandshake is steps 3 to 5 of SPEC §2: upgrade headers, origin, auth.
-func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeError {
+// authorize checks the upgrade, the origin and the token.
+func (p *proxy) authorize(r *http.Request, sessionID string) *handshakeError {
 	if !isUpgrade(r) {
 		return &handshakeError{400, "bad_request", "not a WebSocket upgrade (RFC 6455 version 13)"}
 	}
+	// A request without Origin is no browser's, and origin checks cannot
+	// protect against other clients: it goes on to authentication.
 	if origin := r.Header.Get("Origin"); origin != "" && len(p.cfg.AllowedOrigins) > 0 && !slices.Contains(p.cfg.AllowedOrigins, origin) {
 		return &handshakeError{403, "origin_not_allowed", "origin " + origin + " is not in ALLOWED_ORIGINS"}
 	}
@@ -548,12 +576,12 @@ func (p *proxy) checkHandshake(r *http.Request, sessionID string) *handshakeErro
 	// The scheme is case-insensitive (RFC 7235 §2.1).
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if token = strings.TrimSpace(token); !strings.EqualFold(scheme, "Bearer") || token == "" {
-		token = r.URL.Query().Get("token")
+		token = r.URL.Query().Get("token") // browsers cannot set headers on a WebSocket
 	}
-	if token == "" {
+	switch {
+	case token == "":
 		return &handshakeError{401, "missing_token", "send Authorization: Bearer <token> or ?token=<token>"}
-	}
-	if p.cfg.AuthMode == "jwt" {
+	case p.cfg.AuthMode == "jwt":
 		return verifyJWT(token, []byte(p.cfg.JWTSecret), sessionID, time.Now())
 	}
 	return p.checkRedisToken(r.Context(), sessionID, token)
@@ -570,8 +598,7 @@ func isUpgrade(r *http.Request) bool {
 // deletes it when the grace period is 0 (a single-use token).
 func (p *proxy) checkRedisToken(ctx context.Context, sessionID, token string) *handshakeError {
 	key := "session:" + sessionID + ":auth"
-	// AUTH_TIMEOUT_SECS bounds the whole lookup, not each command.
-	deadline := time.Now().Add(p.cfg.AuthTimeout)
+	deadline := time.Now().Add(p.cfg.AuthTimeout) // for the whole lookup, not each command
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	c, err := p.pool.GetContext(ctx)
@@ -580,35 +607,31 @@ func (p *proxy) checkRedisToken(ctx context.Context, sessionID, token string) *h
 	}
 	defer c.Close()
 	stored, err := redis.Bytes(redis.DoWithTimeout(c, time.Until(deadline), "GET", key))
-	if err == redis.ErrNil {
+	switch {
+	case err == redis.ErrNil:
 		return &handshakeError{401, "unknown_session", "no token is stored for this session"}
-	}
-	if err != nil {
+	case err != nil:
 		return redisHandshakeError(err)
-	}
-	if subtle.ConstantTimeCompare(stored, []byte(token)) != 1 {
+	case subtle.ConstantTimeCompare(stored, []byte(token)) != 1:
 		return &handshakeError{403, "invalid_token", "the token does not match this session"}
-	}
-	if p.cfg.AuthGrace == 0 {
-		// Only one of two racing handshakes deletes the key: the other loses.
-		n, err := redis.Int(redis.DoWithTimeout(c, time.Until(deadline), "DEL", key))
-		if err != nil {
-			return redisHandshakeError(err)
-		}
-		if n == 0 {
-			return &handshakeError{401, "unknown_session", "the single-use token was already used"}
-		}
-		return nil
-	}
-	if _, err := redis.DoWithTimeout(c, time.Until(deadline), "EXPIRE", key, graceSeconds(p.cfg)); err != nil {
+	case p.cfg.AuthGrace > 0:
+		_, err = redis.DoWithTimeout(c, time.Until(deadline), "EXPIRE", key, graceSeconds(p.cfg))
 		return redisHandshakeError(err)
+	}
+	// Of two handshakes racing with a single-use token only one deletes it.
+	if n, err := redis.Int(redis.DoWithTimeout(c, time.Until(deadline), "DEL", key)); err != nil || n == 0 {
+		return cmp.Or(redisHandshakeError(err), &handshakeError{401, "unknown_session", "the single-use token was already used"})
 	}
 	return nil
 }
 
+// redisHandshakeError is how a Redis failure refuses a handshake; nil for nil.
 func redisHandshakeError(err error) *handshakeError {
 	var netErr net.Error
-	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()):
 		return &handshakeError{504, "auth_timeout", "Redis did not answer the token lookup in time"}
 	}
 	return &handshakeError{503, "redis_unavailable", "Redis is unavailable"}
@@ -622,16 +645,11 @@ func verifyJWT(token string, secret []byte, sessionID string, now time.Time) *ha
 	if len(parts) != 3 {
 		return invalid
 	}
-	var header struct {
-		Alg string `json:"alg"`
-	}
-	if decodeJWTPart(parts[0], &header) != nil || header.Alg != "HS256" {
-		return invalid
-	}
+	var header struct{ Alg string }
 	mac := hmac.New(sha256.New, secret)
 	mac.Write([]byte(parts[0] + "." + parts[1]))
 	signature, err := base64.RawURLEncoding.DecodeString(parts[2])
-	if err != nil || !hmac.Equal(signature, mac.Sum(nil)) {
+	if decodeJWTPart(parts[0], &header) != nil || header.Alg != "HS256" || err != nil || !hmac.Equal(signature, mac.Sum(nil)) {
 		return invalid
 	}
 	var claims struct {
@@ -639,11 +657,10 @@ func verifyJWT(token string, secret []byte, sessionID string, now time.Time) *ha
 		Exp       *float64 `json:"exp"`
 		Nbf       *float64 `json:"nbf"`
 	}
-	if decodeJWTPart(parts[1], &claims) != nil {
-		return invalid
-	}
 	unix := float64(now.UnixNano()) / 1e9
 	switch {
+	case decodeJWTPart(parts[1], &claims) != nil:
+		return invalid
 	case claims.SessionID != sessionID:
 		return &handshakeError{403, "session_mismatch", "the token was issued for another session"}
 	case claims.Exp != nil && unix >= *claims.Exp:
@@ -662,10 +679,12 @@ func decodeJWTPart(part string, v any) error {
 	return json.Unmarshal(data, v)
 }
 
-// refuse answers a failed handshake and counts and logs it. Tokens are never
-// logged: only the code, which says what was wrong. A client that went away
-// while its handshake waited is not answered, and not counted as a failure
-// of Redis: it is an abort.
+// refuse answers a failed handshake, and counts and logs it; tokens are
+// never logged. A browser cannot read the status of a refused handshake,
+// only a close code: for a request with an Origin, the handshake is
+// completed and closed at once with 4000 + status (README: Close codes).
+// A client that left while its handshake waited gets no answer and counts
+// as aborted, not as a failure of Redis.
 func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError) {
 	attrs := []any{"agent_id", r.PathValue("agent"), "session_id", r.PathValue("session"), "remote", r.RemoteAddr}
 	if r.Context().Err() != nil {
@@ -678,23 +697,19 @@ func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError
 		result = "rejected"
 	}
 	p.metrics.connections[result].Add(1)
-	level := slog.LevelInfo
-	if e.status >= 500 {
-		level = slog.LevelWarn
-	}
+	level := map[bool]slog.Level{false: slog.LevelInfo, true: slog.LevelWarn}[e.status >= 500]
 	p.log.Log(r.Context(), level, "handshake refused", append(attrs, "status", e.status, "code", e.code)...)
-	// A browser cannot read the status of a refused handshake, only a close
-	// code: complete the handshake for it, then close with 4000 + status.
-	if r.Header.Get("Origin") != "" && isUpgrade(r) {
+	switch {
+	case r.Header.Get("Origin") != "" && isUpgrade(r):
 		if netConn, _ := upgrade(w, r); netConn != nil {
 			closeRefused(netConn, 4000+e.status, e.code)
 		}
-		return
+	case r.Header.Get("Sec-WebSocket-Version") != "13" && headerHasToken(r.Header, "Upgrade", "websocket"):
+		w.Header().Set("Sec-WebSocket-Version", "13") // the version spoken here (RFC 6455 §4.4)
+		fallthrough
+	default:
+		writeJSON(w, e.status, errorBody(e.code, e.message))
 	}
-	if r.Header.Get("Sec-WebSocket-Version") != "13" && headerHasToken(r.Header, "Upgrade", "websocket") {
-		w.Header().Set("Sec-WebSocket-Version", "13") // the version we speak (RFC 6455 §4.4)
-	}
-	writeJSON(w, e.status, errorBody(e.code, e.message))
 }
 
 // closeRefused sends a close frame on a handshake completed only to be
@@ -704,13 +719,10 @@ func closeRefused(netConn net.Conn, code int, reason string) {
 	defer netConn.Close()
 	netConn.SetDeadline(time.Now().Add(closeWait))
 	frame := binary.BigEndian.AppendUint16(appendFrameHeader(nil, opClose, 2+len(reason)), uint16(code))
-	if _, err := netConn.Write(append(frame, reason...)); err != nil {
-		return
+	if _, err := netConn.Write(append(frame, reason...)); err == nil {
+		halfClose(netConn)
+		io.Copy(io.Discard, io.LimitReader(netConn, 64<<10))
 	}
-	if tcp, ok := netConn.(*net.TCPConn); ok {
-		tcp.CloseWrite()
-	}
-	io.Copy(io.Discard, io.LimitReader(netConn, 64<<10))
 }
 
 // upgrade lets x/net/websocket answer 101, and returns the raw socket and
@@ -722,14 +734,13 @@ func upgrade(w http.ResponseWriter, r *http.Request) (net.Conn, *bufio.Reader) {
 	h := &hijackCapture{ResponseWriter: w}
 	upgraded := false
 	websocket.Server{Handler: func(*websocket.Conn) { upgraded = true }}.ServeHTTP(h, r)
+	if h.netConn != nil && !upgraded {
+		h.netConn.Close() // keepOpen kept x/net/websocket from closing it
+	}
 	if !upgraded {
-		if h.netConn != nil {
-			h.netConn.Close() // keepOpen kept x/net/websocket from closing it
-		}
 		return nil, nil
 	}
-	// Undo net/http's request deadlines: the connection keeps its own.
-	h.netConn.SetDeadline(time.Time{})
+	h.netConn.SetDeadline(time.Time{}) // net/http's request deadlines: the connection keeps its own
 	return h.netConn, h.reader
 }
 
@@ -752,70 +763,13 @@ func (h *hijackCapture) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 }
 
 // keepOpen is the socket as x/net/websocket sees it: its Server closes the
-// socket when its handler returns, which here is at once (serve goes on).
+// socket when its handler returns, which here is at once.
 type keepOpen struct{ net.Conn }
 
 func (keepOpen) Close() error { return nil }
 
-// drain is SPEC §5's shutdown: refuse new connections, let open ones run
-// until they end or SHUTDOWN_GRACE_PERIOD_SECS passes, then close them with
-// 1001 after their queues are written. A second signal closes them at once.
-func (p *proxy) drain(signals <-chan os.Signal) {
-	p.draining.Store(true)
-	deadline := time.Now().Add(p.cfg.ShutdownGrace)
-	p.log.Info("draining", "connections", p.metrics.active.Load(), "deadline", deadline.Format(time.RFC3339Nano))
-	grace, progress := time.NewTimer(p.cfg.ShutdownGrace), time.NewTicker(5*time.Second)
-	defer grace.Stop()
-	defer progress.Stop()
-	closeAll := func(drop bool) {
-		p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", drop) })
-	}
-	var giveUp <-chan time.Time // set once the close frames are on their way
-	for p.slots.Load() > 0 {
-		select {
-		case <-p.closed:
-		case <-progress.C:
-			p.log.Info("draining", "connections", p.metrics.active.Load(), "deadline", deadline.Format(time.RFC3339Nano))
-		case <-grace.C:
-			p.log.Info("grace period over: closing connections with 1001", "connections", p.metrics.active.Load())
-			closeAll(false)
-			giveUp = time.After(writeWait + closeWait)
-		case s := <-signals:
-			p.log.Info("second signal: closing connections with 1001 now", "signal", s.String(), "connections", p.metrics.active.Load())
-			closeAll(true)
-			giveUp = time.After(closeWait + time.Second)
-		case <-giveUp:
-			p.log.Warn("connections still open at exit", "connections", p.slots.Load())
-			return
-		}
-	}
-}
-
-// sweepLoop is the one timer of all connections: pings (liveness), and the
-// idle and stream-end timeouts. One goroutine instead of a ticker per
-// connection keeps an idle connection down to its socket and reader.
-func (p *proxy) sweepLoop(ctx context.Context) {
-	period := p.cfg.PingInterval
-	for _, d := range []time.Duration{p.cfg.IdleTimeout, p.cfg.StreamEndTimeout} {
-		if d > 0 && d < period {
-			period = d
-		}
-	}
-	period = min(max(period/10, 10*time.Millisecond), time.Second)
-	ticker := time.NewTicker(period)
-	defer ticker.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-ticker.C:
-			p.hub.eachConn(func(c *conn) { c.sweep(now) })
-		}
-	}
-}
-
 // ---------------------------------------------------------------------------
-// The connection
+// The connection (README: Messages, Limits and abuse)
 
 // WebSocket opcodes (RFC 6455 §5.2).
 const (
@@ -827,24 +781,26 @@ const (
 	opPong         = 0xA
 )
 
-// outFrame is one frame waiting to be written.
+// outFrame is one frame to write.
 type outFrame struct {
-	op       byte
-	data     []byte // shared by every connection of the session: never modified
-	received int64  // UnixNano when Redis delivered it; 0 for frames wsproxy makes
-	sent     int    // bytes of its encoding already written
+	op        byte
+	streamEnd bool   // a worker's stream_end control message
+	data      []byte // shared by every connection of the session: never modified
+	received  int64  // UnixNano when Redis delivered it; 0 for frames wsproxy makes
+	sent      int    // bytes of its encoding already written
 }
 
-// conn is one client. Its reader is serve's goroutine (readLoop), the only one.
-// Frames go out in one of two ways, never both at once. When nothing is
-// queued and no writer runs, send writes the frame itself, with one system
-// call that does not wait (tryWrite): that is how a client that keeps up is
-// served, without waking a goroutine. Whatever the kernel does not take is
-// queued, and a writer (writeLoop) exists only while frames are queued: send
-// starts it, it writes until the queue is empty and returns, so an idle
-// connection costs a socket, a read buffer and one goroutine. At most one
-// writer runs at a time (c.writing), and while it runs only it writes.
+// conn is one client. Its reader (serve, then readLoop) is the only
+// goroutine that reads the socket. Frames are written in one of two ways,
+// never both at once. While no writer runs, send (on whichever goroutine
+// calls it: the Redis reader, the reader, the sweeper) writes the queue
+// itself with one system call that does not wait: that is how a client that
+// keeps up is served, without waking a goroutine. What the kernel does not
+// take is left to a writer (writeLoop), which exists only while the socket
+// is slow, waits for it, and ends when the queue is empty. So an idle
+// connection costs a socket, a small read buffer and one goroutine.
 type conn struct {
+	// Set before the connection is shared, then only read.
 	p                  *proxy
 	id                 uint64
 	agentID, sessionID string
@@ -852,37 +808,36 @@ type conn struct {
 	remote             string
 	opened             time.Time
 	netConn            net.Conn
-	reader             *bufio.Reader   // read by readLoop alone
-	raw                syscall.RawConn // netConn's file descriptor, for tryWrite
-	once               oneWrite        // tryWrite's system call, and its result
-	attempt            func(uintptr) bool
+	raw                syscall.RawConn // netConn's descriptor, for tryWrite
 
-	lastData  atomic.Int64 // UnixNano of the last data message either way
-	streamEnd atomic.Int64 // UnixNano of the last stream_end, 0 after data
-	pingedAt  time.Time    // owned by the sweeper
-	down, up  atomic.Int64 // messages, for the close log
+	reader   *bufio.Reader // the reader goroutine's alone
+	pingedAt time.Time     // the sweeper's alone
 
-	mu           sync.Mutex
-	queue        []outFrame
-	spare        []outFrame // the writer's last batch, reused to avoid allocating
-	queued       int        // bytes queued or being written but the close frame's; also in metrics.queuedBytes
+	mu           sync.Mutex // guards everything below
+	lastData     int64      // UnixNano of the last data message either way
+	streamEnd    int64      // UnixNano of the last stream_end; 0 once data followed
+	down, up     int64      // messages, for the close log
+	queue        []outFrame // frames not yet written whole, oldest first
+	inFlight     int        // frames at the front of queue that the writer is writing
+	queued       int        // bytes in queue but the close frame's; also in metrics.queuedBytes
 	started      bool       // from the 101 until the reader ends: frames may go out
-	writing      bool       // a writeLoop is running
-	flushPending bool       // the Redis reader will flush the queue once it has dispatched all it holds
-	closing      bool       // a close frame is queued, or the socket is done: no more frames
-	dropped      bool       // what was queued when closing is discarded, even the batch being written
+	writing      bool       // a writeLoop runs: only it writes
+	flushPending bool       // the Redis reader flushes the queue once it has dispatched what it read
+	closing      bool       // the close frame is queued, or the socket failed: nothing more is queued
 	warned       bool       // the 80% warning was logged
 	reason       string     // why the connection closes, for the log
+	once         oneWrite   // tryWrite's system call and its result
+	attempt      func(uintptr) bool
 	writers      sync.WaitGroup
 }
 
-// attach gives c its socket.
+// attach gives the connection its socket.
 func (c *conn) attach(netConn net.Conn, reader *bufio.Reader) {
 	c.netConn, c.reader = netConn, reader
 	if sc, ok := netConn.(syscall.Conn); ok {
 		c.raw, _ = sc.SyscallConn()
 	}
-	c.attempt = c.once.attempt // made once: a method value passed on would be made per call
+	c.attempt = c.once.attempt // made once: a method value passed on is made anew each time
 }
 
 // serve runs the open connection on a goroutine of its own, started by
@@ -902,33 +857,27 @@ func (c *conn) serve() {
 
 	c.p.hub.leave(c)
 	c.mu.Lock()
-	if c.reason == "" {
-		c.reason = readErr.Error()
-	}
+	c.reason = cmp.Or(c.reason, readErr.Error())
 	closeQueued := c.closing           // let the writer deliver it; writeWait bounds that
-	c.closing, c.started = true, false // no new writer from here on
+	c.closing, c.started = true, false // and start no other writer
 	c.mu.Unlock()
-	if !closeQueued { // nothing more to say: unblock a writer stuck on a dead peer
-		c.netConn.Close()
+	if !closeQueued {
+		c.netConn.Close() // nothing more to say: unblock a writer stuck on a dead peer
 	}
 	c.writers.Wait()
 	c.netConn.Close()
 	c.mu.Lock()
 	c.account(-c.queued) // what was never written
+	down, up := c.down, c.up
 	c.mu.Unlock()
 	m.active.Add(-1)
 	c.p.releaseSlot()
 	if c.p.cfg.AuthMode == "redis" && c.p.cfg.AuthGrace > 0 {
 		c.p.refreshToken(c.sessionID) // the grace period counts from the disconnect
 	}
-	c.log(slog.LevelInfo, "connection closed", "reason", c.reason, "duration", time.Since(c.opened).Round(time.Millisecond).String(),
-		"messages_down", c.down.Load(), "messages_up", c.up.Load())
+	c.log(slog.LevelInfo, "connection closed", "reason", c.reason,
+		"duration", time.Since(c.opened).Round(time.Millisecond).String(), "messages_down", down, "messages_up", up)
 }
-
-var (
-	errSubscribeTimeout = errors.New("subscribe timeout")
-	errRedisUnavailable = errors.New("redis unavailable")
-)
 
 // readLoop reads frames until the connection ends. It answers pings,
 // reassembles fragmented messages (browsers split those over about 128 KiB)
@@ -950,10 +899,10 @@ func (c *conn) readLoop() error {
 		if h.op >= opClose {
 			var buf [125]byte
 			payload, err := c.readPayload(buf[:0], h, false)
-			if err != nil {
-				return err
+			if err == nil {
+				err = c.handleControl(h.op, payload)
 			}
-			if err := c.handleControl(h.op, payload); err != nil {
+			if err != nil {
 				return err
 			}
 			continue
@@ -963,10 +912,10 @@ func (c *conn) readLoop() error {
 		}
 		// Both terms are below 2^63 (violation), so the sum cannot overflow.
 		tooLarge = tooLarge || uint64(len(message))+h.length > uint64(c.p.cfg.MaxMessageSize)
-		if message, err = c.readPayload(message, h, tooLarge); err != nil {
-			return err
-		}
-		if !h.fin {
+		if message, err = c.readPayload(message, h, tooLarge); err != nil || !h.fin {
+			if err != nil {
+				return err
+			}
 			continue
 		}
 		if err := c.handleMessage(messageOp, message, tooLarge); err != nil {
@@ -979,8 +928,8 @@ func (c *conn) readLoop() error {
 	}
 }
 
-// stillAlive pushes the read deadline on: anything read, even a pong, proves
-// the peer is there (liveness).
+// stillAlive pushes the read deadline on: anything read, even a pong,
+// proves the peer is there (README: Liveness).
 func (c *conn) stillAlive() {
 	c.netConn.SetReadDeadline(time.Now().Add(c.p.cfg.PingInterval + c.p.cfg.PingTimeout))
 }
@@ -1046,10 +995,10 @@ func (c *conn) readPayload(b []byte, h frameHeader, discard bool) ([]byte, error
 		c.stillAlive()
 		n := int(min(h.length-pos, readChunk))
 		if discard {
-			if _, err := io.CopyN(io.Discard, c.reader, int64(n)); err != nil {
+			_, err := io.CopyN(io.Discard, c.reader, int64(n))
+			if pos += uint64(n); err != nil {
 				return b, err
 			}
-			pos += uint64(n)
 			continue
 		}
 		start := len(b)
@@ -1058,8 +1007,7 @@ func (c *conn) readPayload(b []byte, h frameHeader, discard bool) ([]byte, error
 		for i := range got { // RFC 6455 §5.3
 			b[start+i] ^= h.mask[(pos+uint64(i))%4]
 		}
-		b, pos = b[:start+got], pos+uint64(got)
-		if err != nil {
+		if b, pos = b[:start+got], pos+uint64(got); err != nil {
 			return b, err
 		}
 	}
@@ -1069,24 +1017,24 @@ func (c *conn) readPayload(b []byte, h frameHeader, discard bool) ([]byte, error
 // handleControl answers a ping with a pong, and a close with a close (RFC
 // 6455 §5.5.1), which ends the connection: it returns why.
 func (c *conn) handleControl(op byte, payload []byte) error {
-	switch op {
-	case opPing:
+	if op == opPing {
 		c.send(outFrame{op: opPong, data: bytes.Clone(payload)}, false)
-	case opClose:
-		code := 1000 // echo the client's code; none given means normal
-		if len(payload) >= 2 {
-			code = int(binary.BigEndian.Uint16(payload))
-		}
-		switch {
-		case len(payload) == 1 || !(code >= 1000 && code <= 1003 || code >= 1007 && code <= 1014 || code >= 3000 && code <= 4999):
-			code = 1002 // a code that may not be sent (§7.4.1): protocol error
-		case !utf8.Valid(payload[min(2, len(payload)):]):
-			code = 1007 // the reason must be UTF-8 (§5.5.1, §8.1)
-		}
-		c.closeWith(code, "", false)
-		return fmt.Errorf("client closed, answered %d", code)
 	}
-	return nil
+	if op != opClose {
+		return nil
+	}
+	code := 1000 // echo the client's code; none given means normal
+	if len(payload) >= 2 {
+		code = int(binary.BigEndian.Uint16(payload))
+	}
+	switch {
+	case len(payload) == 1 || !(code >= 1000 && code <= 1003 || code >= 1007 && code <= 1014 || code >= 3000 && code <= 4999):
+		code = 1002 // a code that may not be sent (§7.4.1): protocol error
+	case !utf8.Valid(payload[min(2, len(payload)):]):
+		code = 1007 // the reason must be UTF-8 (§5.5.1, §8.1)
+	}
+	c.closeWith(code, "", false)
+	return fmt.Errorf("client closed, answered %d", code)
 }
 
 // handleMessage publishes one whole client message upstream, or answers it
@@ -1114,9 +1062,9 @@ func (c *conn) handleMessage(op byte, message []byte, tooLarge bool) error {
 		}
 		m.messagesUp.Add(1)
 		m.bytesUp.Add(int64(len(message)))
-		c.up.Add(1)
-		c.lastData.Store(time.Now().UnixNano())
-		c.streamEnd.Store(0)
+		c.mu.Lock()
+		c.up, c.lastData, c.streamEnd = c.up+1, time.Now().UnixNano(), 0
+		c.mu.Unlock()
 	}
 	return nil
 }
@@ -1127,11 +1075,29 @@ func (c *conn) sendError(code, message string) {
 	c.send(outFrame{op: opText, data: data}, false)
 }
 
-// send queues a frame and writes the queue at once when the socket can take
-// it (flushLocked). It never blocks, because the Redis reader calls it: the
+// sweep is called by the sweeper for every connection: ping when due, and
+// close after the idle or stream-end timeout.
+func (c *conn) sweep(now time.Time) {
+	cfg := c.p.cfg
+	if now.Sub(c.pingedAt) >= cfg.PingInterval {
+		c.pingedAt = now
+		c.send(outFrame{op: opPing}, false)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch at := now.UnixNano(); {
+	case cfg.IdleTimeout > 0 && at-c.lastData >= int64(cfg.IdleTimeout):
+		c.closeLocked(1000, "idle timeout", false)
+	case cfg.StreamEndTimeout > 0 && c.streamEnd != 0 && at-c.streamEnd >= int64(cfg.StreamEndTimeout):
+		c.closeLocked(1000, "stream ended", false)
+	}
+}
+
+// send queues f and writes the queue at once when the socket can take it
+// (flushLocked). It never blocks, because the Redis reader calls it. The
 // reader defers the write (deferred) until it has dispatched every message
-// it holds, so a burst for one connection goes out in one system call, and
-// send reports whether the connection is waiting for that flush.
+// it holds, so that a burst for one connection goes out in one system call;
+// send then reports that the connection waits for that flush.
 //
 // A connection is closed with 1008 instead of being waited for when its
 // queue would pass MAX_BUFFER_SIZE_BYTES, or when it is behind (its writer
@@ -1142,6 +1108,12 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 	defer c.mu.Unlock()
 	if c.closing {
 		return false
+	}
+	switch {
+	case f.received != 0 && f.streamEnd:
+		c.streamEnd = f.received
+	case f.received != 0:
+		c.lastData, c.streamEnd = f.received, 0
 	}
 	cfg, n := c.p.cfg, len(f.data)
 	limit, bound := "", 0
@@ -1174,47 +1146,6 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 	return false
 }
 
-// flushLocked writes the queue (up to maxWrite bytes, and not the close
-// frame) with one system call that does not wait, and leaves what the kernel
-// did not take to the writer. c.mu is held.
-func (c *conn) flushLocked() {
-	c.flushPending = false
-	if !c.started || c.writing || len(c.queue) == 0 {
-		return
-	}
-	buf := writeBuffers.Get().(*[]byte)
-	defer writeBuffers.Put(buf)
-	b := (*buf)[:0]
-	for i := 0; i < len(c.queue) && len(b) < maxWrite && c.queue[i].op != opClose; i++ {
-		b = appendFrame(b, &c.queue[i])
-	}
-	written, err := c.tryWrite(b)
-	if cap(b) <= 2*maxWrite {
-		*buf = b
-	}
-	if err != nil {
-		c.failLocked(err)
-		return
-	}
-	done, bytes := 0, 0 // frames written whole, and their payload
-	for ; done < len(c.queue) && written > 0; done++ {
-		f := &c.queue[done]
-		left := frameLength(len(f.data)) - f.sent
-		if written < left {
-			f.sent += written
-			break
-		}
-		written -= left
-		bytes += len(f.data)
-	}
-	c.delivered(c.queue[:done]...)
-	c.account(-bytes)
-	rest := copy(c.queue, c.queue[done:])
-	clear(c.queue[rest:])
-	c.queue = c.queue[:rest]
-	c.kick()
-}
-
 // account adds n (negative: written or dropped) to the bytes queued, for
 // this connection and for all of them. c.mu is held.
 func (c *conn) account(n int) {
@@ -1235,110 +1166,124 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 		return
 	}
 	c.closing = true
-	if c.reason == "" {
-		c.reason = reason
+	c.reason = cmp.Or(c.reason, reason)
+	if drop { // but what is being written: a frame is never cut
+		keep := c.inFlight
+		if keep == 0 && len(c.queue) > 0 && c.queue[0].sent > 0 {
+			keep = 1
+		}
+		for _, f := range c.queue[keep:] {
+			c.account(-len(f.data))
+		}
+		clear(c.queue[keep:])
+		c.queue = c.queue[:keep]
 	}
-	if drop { // the writer abandons its batch too, at its next write
-		clear(c.queue)
-		c.queue = c.queue[:0]
-		c.account(-c.queued)
-		c.dropped = true
-	}
-	// The close frame is not counted in c.queued: it is the last frame.
 	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
-	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)})
-	c.kick()
+	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)}) // not counted in queued
+	c.flushLocked()
 }
 
-// kick starts the writer if there is work and none is running; serve waits
-// for it. c.mu is held.
-func (c *conn) kick() {
-	if c.started && !c.writing && len(c.queue) > 0 {
+// flushLocked writes the front of the queue with one system call that does
+// not wait, and starts the writer for what the kernel did not take. c.mu is
+// held.
+func (c *conn) flushLocked() {
+	c.flushPending = false
+	if !c.started || c.writing || len(c.queue) == 0 {
+		return
+	}
+	buf := getBuffer()
+	defer putBuffer(buf)
+	*buf, _ = c.encodeLocked((*buf)[:0])
+	n, err := c.tryWrite(*buf)
+	if err != nil {
+		c.failLocked(err)
+		return
+	}
+	c.advanceLocked(n)
+	if len(c.queue) > 0 {
 		c.writing = true
 		c.writers.Add(1)
 		go c.writeLoop() // ends when the queue is empty; serve waits for it
 	}
 }
 
-// writeLoop writes what is queued, a batch at a time. x/net/websocket
-// flushes each frame separately, so frames are encoded here (RFC 6455 §5.2;
-// a server does not mask) and written to the raw socket.
+// writeLoop writes the queue while the socket is slow, waiting for it up to
+// writeWait a write. Frames stay at the front of the queue while it writes
+// them (inFlight), so that a close that drops the queue keeps them whole.
 func (c *conn) writeLoop() {
 	defer c.writers.Done()
-	buf := writeBuffers.Get().(*[]byte)
-	defer writeBuffers.Put(buf)
-	for {
-		c.mu.Lock()
-		batch := c.queue
-		if len(batch) == 0 {
-			c.writing = false
-			c.mu.Unlock()
-			return
-		}
-		c.queue = c.spare[:0]
-		c.spare = nil // c.queue may be the old spare: never hand it out twice
+	buf := getBuffer()
+	defer putBuffer(buf)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for len(c.queue) > 0 {
+		*buf, c.inFlight = c.encodeLocked((*buf)[:0])
 		c.mu.Unlock()
-
-		closed, err := c.writeBatch(batch, buf)
-		clear(batch)
-
+		err := c.write(*buf)
 		c.mu.Lock()
-		if cap(batch) <= 256 {
-			c.spare = batch
+		c.inFlight = 0
+		if err != nil {
+			c.failLocked(err)
+			break
 		}
-		if err != nil || closed {
-			c.writing = false
-			if err != nil {
-				c.failLocked(err)
-				c.mu.Unlock()
-				return
-			}
-			c.closing = true
-			c.mu.Unlock()
-			if tcp, ok := c.netConn.(*net.TCPConn); ok {
-				// Half-close and give the client closeWait to answer our
-				// close frame; the reader sees its close frame or EOF.
-				tcp.CloseWrite()
-				time.AfterFunc(closeWait, func() { c.netConn.Close() })
-			}
-			return
-		}
-		c.mu.Unlock()
+		c.advanceLocked(len(*buf))
 	}
+	c.writing = false
 }
 
-// writeBatch writes frames in pieces of up to maxWrite bytes, one system
-// call each, so the buffer is reused rather than allocated for large
-// batches. It stops after the close frame, and abandons the batch when the
-// connection was dropped meanwhile (its close frame is queued next).
-func (c *conn) writeBatch(batch []outFrame, buf *[]byte) (closed bool, err error) {
-	for i := 0; i < len(batch) && !closed; {
-		b, counted, start := (*buf)[:0], 0, i
-		for ; i < len(batch) && len(b) < maxWrite && !closed; i++ {
-			b = appendFrame(b, &batch[i])
-			if closed = batch[i].op == opClose; !closed {
-				counted += len(batch[i].data)
-			}
+// encodeLocked encodes frames from the front of the queue (RFC 6455 §5.2:
+// FIN set, as wsproxy never fragments; a server does not mask), up to about
+// maxWrite bytes and never past the close frame. n is how many.
+func (c *conn) encodeLocked(b []byte) (_ []byte, n int) {
+	for n < len(c.queue) && len(b) < maxWrite {
+		f := &c.queue[n]
+		n++
+		start := len(b)
+		b = append(appendFrameHeader(b, f.op, len(f.data)), f.data...)
+		if f.sent > 0 {
+			b = append(b[:start], b[start+f.sent:]...)
 		}
-		err = c.write(b)
-		if cap(b) <= 2*maxWrite {
-			*buf = b
-		}
-		if err != nil {
-			return closed, err
-		}
-		c.delivered(batch[start:i]...)
-		c.mu.Lock()
-		dropped := c.dropped
-		if !dropped {
-			c.account(-counted)
-		}
-		c.mu.Unlock()
-		if dropped && !closed {
-			return false, nil
+		if f.op == opClose {
+			break
 		}
 	}
-	return closed, nil
+	return b, n
+}
+
+// advanceLocked takes the bytes written off the front of the queue: frames
+// written whole are counted and dropped, the next remembers how much of it
+// went out. After the close frame the connection half-closes and gives the
+// client closeWait to answer; its reader sees that close frame or EOF.
+func (c *conn) advanceLocked(written int) {
+	m, now, done := c.p.metrics, time.Now().UnixNano(), 0
+	for ; done < len(c.queue) && written > 0; done++ {
+		f := &c.queue[done]
+		left := len(appendFrameHeader(nil, 0, len(f.data))) + len(f.data) - f.sent
+		if written < left {
+			f.sent += written
+			break
+		}
+		written -= left
+		switch {
+		case f.op == opClose:
+			halfClose(c.netConn)
+			time.AfterFunc(closeWait, func() { c.netConn.Close() })
+			continue
+		case f.received != 0:
+			c.down++
+			m.messagesDown.Add(1)
+			m.bytesDown.Add(int64(len(f.data)))
+			m.latency.observe(now - f.received)
+		}
+		c.account(-len(f.data))
+	}
+	rest := len(c.queue) - done
+	clear(c.queue[:done])
+	if rest == 0 {
+		c.queue = c.queue[:0] // keep the array: no allocation per message
+	} else {
+		c.queue = c.queue[done:]
+	}
 }
 
 // write writes b whole: first without waiting, and only when the kernel
@@ -1350,28 +1295,28 @@ func (c *conn) write(b []byte) error {
 	}
 	c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
 	_, err = c.netConn.Write(b[n:])
-	c.netConn.SetWriteDeadline(time.Time{}) // or tryWrite would fail once it passed
+	c.netConn.SetWriteDeadline(time.Time{}) // else tryWrite fails once it has passed
 	return err
 }
 
 // tryWrite writes what the kernel takes of b at once: nothing when the
-// socket's buffer is full. It never waits. Only one of send and the writer
-// calls it at a time (see conn).
+// socket's buffer is full. It never waits. Only one of flushLocked and
+// writeLoop calls it at a time (see conn).
 func (c *conn) tryWrite(b []byte) (int, error) {
 	if c.raw == nil {
 		return 0, nil // not a socket: the writer waits instead
 	}
 	c.once.b = b
 	err := c.raw.Write(c.attempt)
-	n, errno := max(c.once.n, 0), c.once.err
+	n, errno := c.once.n, c.once.err
 	c.once.b = nil
-	if err == nil && errno != syscall.EAGAIN && errno != syscall.EINTR {
+	if err == nil && errno != syscall.EAGAIN {
 		err = errno
 	}
 	return n, err
 }
 
-// oneWrite is one write system call, as syscall.RawConn.Write runs it:
+// oneWrite is one write system call as syscall.RawConn.Write runs it:
 // attempt returns true after one try, so Write never parks the goroutine.
 type oneWrite struct {
 	b   []byte
@@ -1380,94 +1325,60 @@ type oneWrite struct {
 }
 
 func (w *oneWrite) attempt(fd uintptr) bool {
-	// The socket does not block, so the raw system call: syscall.Write
-	// would tell the scheduler it may block, which wakes its monitor
-	// thread on every message of a busy fan-out.
-	n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(unsafe.SliceData(w.b))), uintptr(len(w.b)))
-	w.n, w.err = int(n), nil
-	if errno != 0 {
-		w.n, w.err = 0, errno
-	}
+	w.n, w.err = rawSyscall(syscall.SYS_WRITE, fd, w.b)
 	return true
+}
+
+// rawSyscall reads or writes a socket that does not block. syscall.Read
+// and syscall.Write would tell the scheduler that the call may block, which
+// wakes its monitor thread after every idle moment: on a busy fan-out that
+// was a sixth of the proxy's CPU.
+func rawSyscall(trap, fd uintptr, b []byte) (int, error) {
+	for {
+		n, _, errno := syscall.RawSyscall(trap, fd, uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)))
+		switch errno {
+		case 0:
+			return int(n), nil
+		case syscall.EINTR:
+			continue
+		}
+		return 0, errno
+	}
 }
 
 // failLocked ends a connection whose socket failed. c.mu is held.
 func (c *conn) failLocked(err error) {
 	c.closing = true
-	if c.reason == "" {
-		c.reason = "write: " + err.Error()
-	}
+	c.reason = cmp.Or(c.reason, "write: "+err.Error())
 	c.netConn.Close() // the reader fails too, and serve ends the connection
-}
-
-// delivered counts frames written whole: messages, bytes and latency for
-// those that came from Redis.
-func (c *conn) delivered(frames ...outFrame) {
-	m := c.p.metrics
-	now := time.Now().UnixNano()
-	data, payload := 0, 0
-	for i := range frames {
-		if frames[i].received != 0 {
-			data, payload = data+1, payload+len(frames[i].data)
-			m.latency.observe(now - frames[i].received)
-		}
-	}
-	m.messagesDown.Add(int64(data))
-	m.bytesDown.Add(int64(payload))
-	c.down.Add(int64(data))
-}
-
-// appendFrame appends f's encoding (RFC 6455 §5.2: FIN set, for wsproxy
-// never fragments; a server does not mask), but for what was already sent.
-func appendFrame(b []byte, f *outFrame) []byte {
-	start := len(b)
-	b = append(appendFrameHeader(b, f.op, len(f.data)), f.data...)
-	if f.sent == 0 {
-		return b
-	}
-	return append(b[:start], b[start+f.sent:]...)
-}
-
-// writeBuffers holds the writers' encoding buffers: a writer exists only
-// while a connection has something to send, so the buffer outlives it here.
-var writeBuffers = sync.Pool{New: func() any { return new([]byte) }}
-
-// frameLength is the length of a frame's encoding with n bytes of payload.
-func frameLength(n int) int {
-	return len(appendFrameHeader(make([]byte, 0, 10), 0, n)) + n
-}
-
-func appendFrameHeader(b []byte, op byte, n int) []byte {
-	b = append(b, 0x80|op) // FIN: wsproxy never fragments
-	switch {
-	case n <= 125:
-		return append(b, byte(n))
-	case n <= 0xFFFF:
-		return append(b, 126, byte(n>>8), byte(n))
-	default:
-		return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
-	}
-}
-
-// sweep is called by the sweeper for every connection: ping when due, and
-// close after the idle or stream-end timeout.
-func (c *conn) sweep(now time.Time) {
-	cfg := c.p.cfg
-	if now.Sub(c.pingedAt) >= cfg.PingInterval {
-		c.pingedAt = now
-		c.send(outFrame{op: opPing}, false)
-	}
-	if cfg.IdleTimeout > 0 && now.UnixNano()-c.lastData.Load() >= int64(cfg.IdleTimeout) {
-		c.closeWith(1000, "idle timeout", false)
-	}
-	if at := c.streamEnd.Load(); cfg.StreamEndTimeout > 0 && at != 0 && now.UnixNano()-at >= int64(cfg.StreamEndTimeout) {
-		c.closeWith(1000, "stream ended", false)
-	}
 }
 
 func (c *conn) log(level slog.Level, msg string, args ...any) {
 	c.p.log.Log(context.Background(), level, msg,
 		append([]any{"conn", c.id, "session_id", c.sessionID, "agent_id", c.agentID}, args...)...)
+}
+
+// writeBuffers holds encoding buffers for flushLocked and the writers; one
+// too large to keep is dropped.
+var writeBuffers = sync.Pool{New: func() any { return new([]byte) }}
+
+func getBuffer() *[]byte { return writeBuffers.Get().(*[]byte) }
+
+func putBuffer(b *[]byte) {
+	if cap(*b) <= 2*maxWrite {
+		writeBuffers.Put(b)
+	}
+}
+
+func appendFrameHeader(b []byte, op byte, n int) []byte {
+	b = append(b, 0x80|op)
+	switch {
+	case n <= 125:
+		return append(b, byte(n))
+	case n <= 0xFFFF:
+		return append(b, 126, byte(n>>8), byte(n))
+	}
+	return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
 }
 
 // refreshToken restarts the auth key's grace period when a client leaves.
@@ -1488,7 +1399,7 @@ func (p *proxy) publish(channel string, message []byte) error {
 }
 
 // ---------------------------------------------------------------------------
-// The hub: one Redis subscriber for every session
+// The hub: one Redis subscriber for every session (README: Redis outages)
 
 // hub owns the shared PubSubConn. SUBSCRIBE confirmations come back in the
 // order the commands were sent, so each channel has a FIFO of waiters: a
@@ -1503,18 +1414,16 @@ type hub struct {
 	log     *slog.Logger
 	metrics *metrics
 
-	lostAt        atomic.Int64 // UnixNano when the subscriber was last lost
-	heard         atomic.Int64 // UnixNano of the subscriber's last reply
-	everConnected bool         // a reconnect is counted as such
-	mu            sync.Mutex
-	psc           *redis.PubSubConn         // nil while Redis is unreachable
-	channels      map[string][]*conn        // connections by channel, handshakes included
-	waiting       map[string][]chan<- error // SUBSCRIBEs sent, oldest first; nil = resubscription
-	flushes       []*conn                   // connections whose queue dispatch deferred; the receiver's alone
-}
+	lostAt atomic.Int64 // UnixNano when the subscriber was last lost
+	heard  atomic.Int64 // UnixNano of the subscriber's last reply
 
-func newHub(cfg *config, log *slog.Logger, m *metrics) *hub {
-	return &hub{cfg: cfg, log: log, metrics: m, channels: map[string][]*conn{}, waiting: map[string][]chan<- error{}}
+	mu       sync.Mutex                // guards the three below; taken before any conn.mu
+	psc      *redis.PubSubConn         // nil while Redis is unreachable
+	channels map[string][]*conn        // connections by channel, handshakes included
+	waiting  map[string][]chan<- error // SUBSCRIBEs sent, oldest first; nil for a resubscription
+
+	flushes []*conn // connections whose write dispatch deferred: the receiving goroutine's alone
+	ever    bool    // the subscriber has connected before: run's goroutine's alone
 }
 
 func (h *hub) connected() bool {
@@ -1523,51 +1432,68 @@ func (h *hub) connected() bool {
 	return h.psc != nil
 }
 
-// subscribe registers c and sends its SUBSCRIBE. The returned channel
-// receives nil when Redis confirms it, or an error if the connection is lost.
-func (h *hub) subscribe(c *conn) (<-chan error, error) {
+// join registers c, sends its SUBSCRIBE and waits for Redis to confirm that
+// one; on failure c is gone again.
+func (h *hub) join(ctx context.Context, c *conn) *handshakeError {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.psc == nil {
-		return nil, errRedisUnavailable
+	err := errRedisUnavailable
+	if h.psc != nil {
+		err = h.psc.Subscribe(c.channel)
 	}
-	if err := h.psc.Subscribe(c.channel); err != nil {
+	confirmed := make(chan error, 1)
+	if err == nil {
+		h.channels[c.channel] = append(h.channels[c.channel], c)
+		h.metrics.subscribedChannels.Store(int64(len(h.channels)))
+		h.waiting[c.channel] = append(h.waiting[c.channel], confirmed)
+	} else if h.psc != nil {
 		h.psc.Close() // the receiver fails too, and run reconnects
-		return nil, err
 	}
-	conns := h.channels[c.channel]
-	if conns == nil {
-		h.metrics.subscribedChannels.Add(1)
+	h.mu.Unlock()
+	if err != nil {
+		return &handshakeError{503, "redis_unavailable", "Redis is unavailable"}
 	}
-	h.channels[c.channel] = append(conns, c)
-	done := make(chan error, 1)
-	h.waiting[c.channel] = append(h.waiting[c.channel], done)
-	return done, nil
+	timeout := time.NewTimer(h.cfg.SubscribeTimeout)
+	defer timeout.Stop()
+	select {
+	case err = <-confirmed:
+	case <-timeout.C:
+		err = errSubscribeTimeout
+	case <-ctx.Done(): // the client left: refuse counts an abort
+		err = ctx.Err()
+	}
+	if err == nil {
+		return nil
+	}
+	h.leave(c)
+	if err == errSubscribeTimeout {
+		return &handshakeError{504, "subscribe_timeout", "Redis did not confirm the subscription in time"}
+	}
+	return &handshakeError{503, "redis_unavailable", "Redis is unavailable"}
 }
+
+var (
+	errSubscribeTimeout = errors.New("subscribe timeout")
+	errRedisUnavailable = errors.New("redis unavailable")
+)
 
 // leave forgets c, and unsubscribes when it was the channel's last connection.
 func (h *hub) leave(c *conn) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	conns := h.channels[c.channel]
-	for i := range conns {
-		if conns[i] == c {
-			conns[i] = conns[len(conns)-1]
-			conns[len(conns)-1] = nil
-			conns = conns[:len(conns)-1]
-			break
-		}
+	if i := slices.Index(conns, c); i >= 0 {
+		conns[i] = conns[len(conns)-1]
+		conns[len(conns)-1] = nil
+		conns = conns[:len(conns)-1]
 	}
 	if len(conns) > 0 {
 		h.channels[c.channel] = conns
 		return
 	}
 	delete(h.channels, c.channel)
-	h.metrics.subscribedChannels.Add(-1)
-	if h.psc != nil {
-		if err := h.psc.Unsubscribe(c.channel); err != nil {
-			h.psc.Close()
-		}
+	h.metrics.subscribedChannels.Store(int64(len(h.channels)))
+	if h.psc != nil && h.psc.Unsubscribe(c.channel) != nil {
+		h.psc.Close()
 	}
 }
 
@@ -1584,8 +1510,7 @@ func (h *hub) eachConn(f func(*conn)) {
 // run keeps the subscriber connected until ctx ends, reconnecting with
 // capped, jittered exponential backoff.
 func (h *hub) run(ctx context.Context) {
-	backoff := reconnectMin
-	for ctx.Err() == nil {
+	for backoff := reconnectMin; ; backoff = min(backoff*2, reconnectMax) {
 		began := time.Now()
 		err := h.subscriber(ctx)
 		if ctx.Err() != nil {
@@ -1601,87 +1526,20 @@ func (h *hub) run(ctx context.Context) {
 			return
 		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, reconnectMax)
 	}
 }
 
-// subscriber is one connected period of the shared PubSubConn: it
-// resubscribes every channel that has connections, then pings it and waits
-// for the receiver to fail (redigo's pub/sub example shape).
+// subscriber is one connected period of the shared PubSubConn, in the shape
+// of redigo's pub/sub example: connect and resubscribe, then ping it and
+// wait for the receiver to fail or ctx to end, then tear down.
 func (h *hub) subscriber(ctx context.Context) error {
-	dialCtx, cancel := context.WithTimeout(ctx, redisCommandTimeout)
-	// No read timeout: the PING loop below notices silence, which spares a
-	// deadline per message; a large read buffer spares system calls.
-	rc, err := dialRedis(dialCtx, h.cfg, redis.DialReadTimeout(0),
-		redis.DialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-			if err != nil {
-				return nil, err
-			}
-			raw, err := c.(syscall.Conn).SyscallConn()
-			if err != nil {
-				return nil, err
-			}
-			return &bufferedConn{Conn: c, reader: bufio.NewReaderSize(rawReader{raw}, 64<<10), beforeWait: h.flush}, nil
-		}))
-	cancel()
+	psc, err := h.connect(ctx)
 	if err != nil {
 		return err
 	}
-	if _, err := redis.DoWithTimeout(rc, redisReadTimeout, "PING"); err != nil {
-		rc.Close()
-		return err
-	}
-	psc := &redis.PubSubConn{Conn: rc}
-	// Outside subscribed mode Redis answers PING with a plain reply that
-	// PubSubConn cannot parse; a channel nobody publishes to keeps the
-	// connection subscribed even when no client is connected.
-	psc.Conn.Send("SUBSCRIBE", keepaliveChannel)
-	h.mu.Lock()
-	for channel := range h.channels {
-		psc.Conn.Send("SUBSCRIBE", channel)
-		h.waiting[channel] = append(h.waiting[channel], nil)
-	}
-	if err := psc.Conn.Flush(); err != nil {
-		h.waiting = map[string][]chan<- error{}
-		h.mu.Unlock()
-		psc.Close()
-		return err
-	}
-	h.psc = psc
-	h.heard.Store(time.Now().UnixNano())
-	resubscribed := len(h.channels)
-	h.mu.Unlock()
-	h.metrics.redisConnected.Store(1)
-	if h.everConnected { // owned by run's goroutine
-		h.metrics.redisReconnects.Add(1)
-	}
-	h.everConnected = true
-	h.log.Info("redis subscriber connected", "resubscribed_channels", resubscribed)
-
 	received := make(chan error, 1)
-	go h.receive(psc, received) // ends when psc fails or is closed
-	ping := time.NewTicker(redisPingPeriod)
-	defer ping.Stop()
-	for {
-		select {
-		case err = <-received:
-		case now := <-ping.C:
-			h.mu.Lock()
-			if err := psc.Ping(""); err != nil || now.Sub(time.Unix(0, h.heard.Load())) > redisReadTimeout {
-				psc.Close() // dead, or half-open: the receiver fails and we reconnect
-			}
-			h.mu.Unlock()
-			continue
-		case <-ctx.Done():
-			h.mu.Lock()
-			psc.Unsubscribe()
-			h.mu.Unlock()
-			psc.Close()
-			err = <-received
-		}
-		break
-	}
+	go h.receive(psc, received) // ends when psc fails or is closed; watch waits for it
+	err = h.watch(ctx, psc, received)
 	h.mu.Lock()
 	h.psc = nil
 	for _, waiters := range h.waiting { // their handshakes answer 503 now
@@ -1691,9 +1549,8 @@ func (h *hub) subscriber(ctx context.Context) error {
 			}
 		}
 	}
-	h.waiting = map[string][]chan<- error{}
+	clear(h.waiting)
 	h.mu.Unlock()
-	psc.Close()
 	h.metrics.redisConnected.Store(0)
 	h.lostAt.Store(time.Now().UnixNano())
 	if ctx.Err() == nil {
@@ -1702,8 +1559,80 @@ func (h *hub) subscriber(ctx context.Context) error {
 	return err
 }
 
+// connect dials the subscriber and subscribes every channel that has
+// connections.
+func (h *hub) connect(ctx context.Context) (*redis.PubSubConn, error) {
+	dialCtx, cancel := context.WithTimeout(ctx, redisCommandTimeout)
+	defer cancel()
+	// No read timeout: watch notices silence, which spares a deadline per
+	// message; a large read buffer spares system calls.
+	rc, err := dialRedis(dialCtx, h.cfg, redis.DialReadTimeout(0),
+		redis.DialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			raw, err := c.(syscall.Conn).SyscallConn()
+			return &subscriberConn{Conn: c, reader: bufio.NewReaderSize(rawReader{raw}, 64<<10), beforeWait: h.flush}, err
+		}))
+	if err != nil {
+		return nil, err
+	}
+	psc := &redis.PubSubConn{Conn: rc}
+	_, err = redis.DoWithTimeout(rc, redisReadTimeout, "PING")
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for channel := range h.channels {
+		psc.Conn.Send("SUBSCRIBE", channel)
+		h.waiting[channel] = append(h.waiting[channel], nil)
+	}
+	if err == nil {
+		err = psc.Subscribe(keepaliveChannel) // sends, with the above
+	}
+	if err != nil {
+		clear(h.waiting)
+		psc.Close()
+		return nil, err
+	}
+	h.psc = psc
+	h.heard.Store(time.Now().UnixNano())
+	h.metrics.redisConnected.Store(1)
+	if h.ever {
+		h.metrics.redisReconnects.Add(1)
+	}
+	h.ever = true
+	h.log.Info("redis subscriber connected", "resubscribed_channels", len(h.channels))
+	return psc, nil
+}
+
+// watch pings the subscriber until the receiver reports its end or ctx
+// ends, and returns why. A connection that is silent for redisReadTimeout
+// is closed: it is dead, or half-open.
+func (h *hub) watch(ctx context.Context, psc *redis.PubSubConn, received <-chan error) error {
+	ping := time.NewTicker(redisPingPeriod)
+	defer ping.Stop()
+	for {
+		select {
+		case err := <-received:
+			return err
+		case now := <-ping.C:
+			h.mu.Lock()
+			if psc.Ping("") != nil || now.Sub(time.Unix(0, h.heard.Load())) > redisReadTimeout {
+				psc.Close() // the receiver fails, and reports it
+			}
+			h.mu.Unlock()
+		case <-ctx.Done():
+			h.mu.Lock()
+			psc.Unsubscribe()
+			h.mu.Unlock()
+			psc.Close()
+			return <-received
+		}
+	}
+}
+
 // receive reads the shared subscription. It never waits for a client:
-// dispatch only queues.
+// dispatch only queues, and flush writes what the socket takes at once.
 func (h *hub) receive(psc *redis.PubSubConn, done chan<- error) {
 	for {
 		v := psc.Receive()
@@ -1725,20 +1654,13 @@ func (h *hub) receive(psc *redis.PubSubConn, done chan<- error) {
 
 // dispatch queues one message for every connection of its session.
 func (h *hub) dispatch(channel string, data []byte, received int64) {
-	f := outFrame{op: opText, data: data, received: received}
+	f := outFrame{op: opText, data: data, received: received, streamEnd: isStreamEnd(data)}
 	if !utf8.Valid(data) {
 		f.op = opBinary
 	}
-	streamEnd := isStreamEnd(data)
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, c := range h.channels[channel] {
-		if streamEnd {
-			c.streamEnd.Store(f.received)
-		} else {
-			c.lastData.Store(f.received)
-			c.streamEnd.Store(0)
-		}
 		if c.send(f, true) {
 			h.flushes = append(h.flushes, c)
 		}
@@ -1767,10 +1689,8 @@ func (h *hub) confirm(channel string) {
 	if len(waiters) == 0 {
 		return
 	}
-	if len(waiters) == 1 {
+	if h.waiting[channel] = waiters[1:]; len(waiters) == 1 {
 		delete(h.waiting, channel)
-	} else {
-		h.waiting[channel] = waiters[1:]
 	}
 	if waiters[0] != nil {
 		waiters[0] <- nil
@@ -1803,49 +1723,26 @@ func dialRedis(ctx context.Context, cfg *config, options ...redis.DialOption) (r
 		redis.DialWriteTimeout(redisCommandTimeout)}, options...)...)
 }
 
-// bufferedConn is the subscriber's socket. It reads through a large buffer
-// (redigo's own is 4 KiB: a system call per few messages on a busy
-// subscriber), and skips the deadline redigo clears before every reply when
-// none is set.
-type bufferedConn struct {
+// subscriberConn is the subscriber's socket. It reads through a large
+// buffer (redigo's own is 4 KiB: a system call per few messages on a busy
+// subscriber), calls beforeWait when all it read is consumed, and skips
+// the deadline redigo clears before every reply when none is set. Only the
+// receiving goroutine reads it and sets its deadline.
+type subscriberConn struct {
 	net.Conn
 	reader     *bufio.Reader
-	noDeadline bool   // only the receiving goroutine reads and sets deadlines
-	beforeWait func() // called when all that arrived is read: hub.flush
+	noDeadline bool
+	beforeWait func()
 }
 
-func (c *bufferedConn) Read(p []byte) (int, error) {
+func (c *subscriberConn) Read(p []byte) (int, error) {
 	if c.reader.Buffered() == 0 {
 		c.beforeWait()
 	}
 	return c.reader.Read(p)
 }
 
-// rawReader reads with raw system calls, waiting in the network poller
-// when nothing is there: see oneWrite.attempt.
-type rawReader struct{ raw syscall.RawConn }
-
-func (r rawReader) Read(p []byte) (n int, err error) {
-	werr := r.raw.Read(func(fd uintptr) bool {
-		got, _, errno := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
-		if errno == syscall.EAGAIN {
-			return false
-		}
-		n, err = int(got), nil
-		if errno != 0 {
-			n, err = 0, errno
-		} else if got == 0 {
-			err = io.EOF
-		}
-		return true
-	})
-	if werr != nil {
-		return 0, werr
-	}
-	return n, err
-}
-
-func (c *bufferedConn) SetReadDeadline(t time.Time) error {
+func (c *subscriberConn) SetReadDeadline(t time.Time) error {
 	if t.IsZero() && c.noDeadline {
 		return nil
 	}
@@ -1853,39 +1750,70 @@ func (c *bufferedConn) SetReadDeadline(t time.Time) error {
 	return c.Conn.SetReadDeadline(t)
 }
 
-// ---------------------------------------------------------------------------
-// Metrics, in the Prometheus text format
+// rawReader reads a socket with rawSyscall, and waits in the network
+// poller when nothing is there.
+type rawReader struct{ raw syscall.RawConn }
 
+func (r rawReader) Read(p []byte) (n int, err error) {
+	if werr := r.raw.Read(func(fd uintptr) bool {
+		n, err = rawSyscall(syscall.SYS_READ, fd, p)
+		return err != syscall.EAGAIN
+	}); werr != nil {
+		return 0, werr
+	}
+	if err == nil && n == 0 && len(p) > 0 {
+		err = io.EOF
+	}
+	return n, err
+}
+
+// ---------------------------------------------------------------------------
+// Metrics, in the Prometheus text format (README: Operations)
+
+// metrics are counters and gauges in atomics. Each is registered once, in
+// families, in the order /metrics lists them.
 type metrics struct {
-	active             atomic.Int64
-	connections        map[string]*atomic.Int64 // by result; keys fixed at start
-	clientErrors       map[string]*atomic.Int64 // by code; keys fixed at start
-	messagesDown       atomic.Int64
-	messagesUp         atomic.Int64
-	bytesDown          atomic.Int64
-	bytesUp            atomic.Int64
-	slowCloses         map[string]*atomic.Int64 // by limit: connection or total
-	queuedBytes        atomic.Int64             // over all connections, bounded by MAX_TOTAL_BUFFER_BYTES
-	redisConnected     atomic.Int64
-	redisReconnects    atomic.Int64
-	subscribedChannels atomic.Int64
-	latency            histogram
+	families                                                          []*family
+	active, messagesDown, messagesUp, bytesDown, bytesUp, queuedBytes *atomic.Int64
+	redisConnected, redisReconnects, subscribedChannels               *atomic.Int64
+	connections, clientErrors, slowCloses                             map[string]*atomic.Int64 // by label value
+	latency                                                           histogram
+}
+
+// family is one metric, and its values by label value ("" without a label).
+type family struct {
+	name, kind, help, label string
+	values                  map[string]*atomic.Int64
 }
 
 func newMetrics() *metrics {
-	m := &metrics{connections: map[string]*atomic.Int64{}, clientErrors: map[string]*atomic.Int64{}, slowCloses: map[string]*atomic.Int64{}}
-	for _, r := range []string{"accepted", "bad_request", "unauthorized", "forbidden", "unavailable", "timeout", "rejected", "aborted"} {
-		m.connections[r] = new(atomic.Int64)
-	}
-	for _, l := range []string{"connection", "total"} {
-		m.slowCloses[l] = new(atomic.Int64)
-	}
-	for _, c := range []string{"invalid_json", "message_too_large", "binary_not_supported", "publish_failed", "upstream_disabled", "redis_reconnected"} {
-		m.clientErrors[c] = new(atomic.Int64)
-	}
+	m := &metrics{}
+	one := func(name, kind, help string) *atomic.Int64 { return m.add(name, kind, help, "", "")[""] }
+	m.active = one("wsproxy_active_connections", "gauge", "Open WebSocket connections.")
+	m.connections = m.add("wsproxy_connections_total", "counter", "WebSocket handshakes by result.", "result",
+		"accepted", "bad_request", "unauthorized", "forbidden", "unavailable", "timeout", "rejected", "aborted")
+	messages := m.add("wsproxy_messages_total", "counter", "Messages forwarded; down counts each delivery to a connection.", "direction", "down", "up")
+	bytes := m.add("wsproxy_bytes_total", "counter", "Payload bytes forwarded.", "direction", "down", "up")
+	m.messagesDown, m.messagesUp, m.bytesDown, m.bytesUp = messages["down"], messages["up"], bytes["down"], bytes["up"]
+	m.clientErrors = m.add("wsproxy_client_errors_total", "counter", "Control errors sent to clients, by code.", "code",
+		"invalid_json", "message_too_large", "binary_not_supported", "publish_failed", "upstream_disabled", "redis_reconnected")
+	m.slowCloses = m.add("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008, by the limit their queue would have passed.", "limit", "connection", "total")
+	m.queuedBytes = one("wsproxy_queued_bytes", "gauge", "Bytes queued for clients over all connections.")
+	m.redisConnected = one("wsproxy_redis_connected", "gauge", "1 while the shared subscriber is connected.")
+	m.redisReconnects = one("wsproxy_redis_reconnects_total", "counter", "Times the shared subscriber reconnected after a loss.")
+	m.subscribedChannels = one("wsproxy_subscribed_channels", "gauge", "Redis channels subscribed.")
 	m.latency.bounds = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5}
 	m.latency.counts = make([]atomic.Int64, len(m.latency.bounds)+1)
 	return m
+}
+
+func (m *metrics) add(name, kind, help, label string, labelValues ...string) map[string]*atomic.Int64 {
+	f := &family{name, kind, help, label, map[string]*atomic.Int64{}}
+	for _, v := range labelValues {
+		f.values[v] = new(atomic.Int64)
+	}
+	m.families = append(m.families, f)
+	return f.values
 }
 
 // histogram counts observations per bucket (not cumulative; the exposition
@@ -1897,41 +1825,27 @@ type histogram struct {
 }
 
 func (h *histogram) observe(nanos int64) {
-	seconds := float64(nanos) / 1e9
-	i := sort.SearchFloat64s(h.bounds, seconds)
-	h.counts[i].Add(1)
+	h.counts[sort.SearchFloat64s(h.bounds, float64(nanos)/1e9)].Add(1)
 	h.sum.Add(nanos)
 }
 
 func (m *metrics) handle(w http.ResponseWriter, r *http.Request) {
 	var b strings.Builder
-	// write prints one metric: samples are pairs of labels ("" or
-	// `{name="value"}`) and values.
-	write := func(name, kind, help string, samples ...any) {
-		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind)
-		for i := 0; i < len(samples); i += 2 {
-			fmt.Fprintf(&b, "%s%s %v\n", name, samples[i], samples[i+1])
+	sample := func(name, kind, help string, value any) {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n%s %v\n", name, help, name, kind, name, value)
+	}
+	for _, f := range m.families {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", f.name, f.help, f.name, f.kind)
+		for _, v := range slices.Sorted(maps.Keys(f.values)) {
+			if f.label == "" {
+				fmt.Fprintf(&b, "%s %d\n", f.name, f.values[v].Load())
+			} else {
+				fmt.Fprintf(&b, "%s{%s=%q} %d\n", f.name, f.label, v, f.values[v].Load())
+			}
 		}
 	}
-	byLabel := func(label string, values map[string]*atomic.Int64) (samples []any) {
-		for _, k := range slices.Sorted(maps.Keys(values)) {
-			samples = append(samples, fmt.Sprintf("{%s=%q}", label, k), values[k].Load())
-		}
-		return samples
-	}
-	write("wsproxy_active_connections", "gauge", "Open WebSocket connections.", "", m.active.Load())
-	write("wsproxy_connections_total", "counter", "WebSocket handshakes by result.", byLabel("result", m.connections)...)
-	write("wsproxy_messages_total", "counter", "Messages forwarded; down counts each delivery to a connection.",
-		`{direction="down"}`, m.messagesDown.Load(), `{direction="up"}`, m.messagesUp.Load())
-	write("wsproxy_bytes_total", "counter", "Payload bytes forwarded.",
-		`{direction="down"}`, m.bytesDown.Load(), `{direction="up"}`, m.bytesUp.Load())
-	write("wsproxy_client_errors_total", "counter", "Control errors sent to clients, by code.", byLabel("code", m.clientErrors)...)
-	write("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008, by the limit their queue would have passed.", byLabel("limit", m.slowCloses)...)
-	write("wsproxy_queued_bytes", "gauge", "Bytes queued for clients over all connections.", "", m.queuedBytes.Load())
-	write("wsproxy_redis_connected", "gauge", "1 while the shared subscriber is connected.", "", m.redisConnected.Load())
-	write("wsproxy_redis_reconnects_total", "counter", "Times the shared subscriber reconnected after a loss.", "", m.redisReconnects.Load())
-	write("wsproxy_subscribed_channels", "gauge", "Redis channels subscribed.", "", m.subscribedChannels.Load())
-	var buckets []any
+	const latency = "wsproxy_delivery_latency_seconds"
+	fmt.Fprintf(&b, "# HELP %s From receipt from Redis to the frame written to the client.\n# TYPE %s histogram\n", latency, latency)
 	var cumulative int64
 	for i := range m.latency.counts {
 		cumulative += m.latency.counts[i].Load()
@@ -1939,18 +1853,17 @@ func (m *metrics) handle(w http.ResponseWriter, r *http.Request) {
 		if i < len(m.latency.bounds) {
 			le = strconv.FormatFloat(m.latency.bounds[i], 'g', -1, 64)
 		}
-		buckets = append(buckets, `_bucket{le="`+le+`"}`, cumulative)
+		fmt.Fprintf(&b, "%s_bucket{le=%q} %d\n", latency, le, cumulative)
 	}
-	write("wsproxy_delivery_latency_seconds", "histogram", "From receipt from Redis to the frame written to the client.",
-		append(buckets, "_sum", float64(m.latency.sum.Load())/1e9, "_count", cumulative)...)
+	fmt.Fprintf(&b, "%s_sum %v\n%s_count %d\n", latency, float64(m.latency.sum.Load())/1e9, latency, cumulative)
 	var mem runtime.MemStats
 	runtime.ReadMemStats(&mem)
-	write("go_goroutines", "gauge", "Goroutines that currently exist.", "", runtime.NumGoroutine())
-	write("go_memstats_heap_inuse_bytes", "gauge", "Bytes in in-use heap spans.", "", mem.HeapInuse)
-	write("go_memstats_stack_inuse_bytes", "gauge", "Bytes in stack spans.", "", mem.StackInuse)
+	sample("go_goroutines", "gauge", "Goroutines that currently exist.", runtime.NumGoroutine())
+	sample("go_memstats_heap_inuse_bytes", "gauge", "Bytes in in-use heap spans.", mem.HeapInuse)
+	sample("go_memstats_stack_inuse_bytes", "gauge", "Bytes in stack spans.", mem.StackInuse)
 	if rss, cpu, ok := processStats(); ok {
-		write("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", "", rss)
-		write("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.", "", cpu)
+		sample("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss)
+		sample("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.", cpu)
 	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	io.WriteString(w, b.String())
@@ -1977,18 +1890,9 @@ func processStats() (rss int64, cpuSeconds float64, ok bool) {
 // ---------------------------------------------------------------------------
 // Small helpers
 
-// validID: 1-128 characters of [A-Za-z0-9._~-] (SPEC §1).
+// validID: 1-128 characters of [A-Za-z0-9._~-] (README: Endpoints).
 func validID(s string) bool {
-	if len(s) == 0 || len(s) > 128 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		b := s[i]
-		if !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '.' || b == '_' || b == '~' || b == '-') {
-			return false
-		}
-	}
-	return true
+	return len(s) > 0 && len(s) <= 128 && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~-") == ""
 }
 
 // headerHasToken reports whether a comma-separated header lists token,
@@ -2004,9 +1908,14 @@ func headerHasToken(h http.Header, name, token string) bool {
 	return false
 }
 
-func graceSeconds(cfg *config) int64 {
-	return int64(math.Ceil(cfg.AuthGrace.Seconds()))
+// halfClose shuts the write side of a TCP connection: the peer reads EOF.
+func halfClose(netConn net.Conn) {
+	if tcp, ok := netConn.(*net.TCPConn); ok {
+		tcp.CloseWrite()
+	}
 }
+
+func graceSeconds(cfg *config) int64 { return int64(math.Ceil(cfg.AuthGrace.Seconds())) }
 
 func getOnly(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
