@@ -370,11 +370,15 @@ func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
 		p.log.Warn("AUTH_MODE=none: every client is accepted without a token; use it for local development only")
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	var background sync.WaitGroup
-	defer background.Wait()
-	defer stop()
+	var background sync.WaitGroup // the hub and the sweeper, which end with ctx
 	background.Go(func() { p.hub.run(ctx) })
 	background.Go(func() { p.sweepLoop(ctx) })
+	defer func() {
+		stop()
+		background.Wait()
+		p.pool.Close()
+		p.log.Info("stopped")
+	}()
 
 	srv := &http.Server{Handler: p, ReadTimeout: httpRequestTimeout, IdleTimeout: httpIdleTimeout,
 		WriteTimeout: httpRequestTimeout + p.cfg.AuthTimeout + p.cfg.SubscribeTimeout, // a handshake waits for Redis before its 101
@@ -391,10 +395,6 @@ func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	srv.Shutdown(shutdownCtx) // hijacked WebSockets are not its business; they are closed already
-	stop()
-	background.Wait()
-	p.pool.Close()
-	p.log.Info("stopped")
 	return nil
 }
 
@@ -1435,46 +1435,38 @@ func (h *hub) connected() bool {
 // join registers c, sends its SUBSCRIBE and waits for Redis to confirm that
 // one; on failure c is gone again.
 func (h *hub) join(ctx context.Context, c *conn) *handshakeError {
-	h.mu.Lock()
-	err := errRedisUnavailable
-	if h.psc != nil {
-		err = h.psc.Subscribe(c.channel)
-	}
+	unavailable := &handshakeError{503, "redis_unavailable", "Redis is unavailable"}
 	confirmed := make(chan error, 1)
-	if err == nil {
+	h.mu.Lock()
+	subscribed := h.psc != nil && h.psc.Subscribe(c.channel) == nil
+	if subscribed {
 		h.channels[c.channel] = append(h.channels[c.channel], c)
-		h.metrics.subscribedChannels.Store(int64(len(h.channels)))
 		h.waiting[c.channel] = append(h.waiting[c.channel], confirmed)
+		h.metrics.subscribedChannels.Store(int64(len(h.channels)))
 	} else if h.psc != nil {
 		h.psc.Close() // the receiver fails too, and run reconnects
 	}
 	h.mu.Unlock()
-	if err != nil {
-		return &handshakeError{503, "redis_unavailable", "Redis is unavailable"}
+	if !subscribed {
+		return unavailable
 	}
 	timeout := time.NewTimer(h.cfg.SubscribeTimeout)
 	defer timeout.Stop()
+	var err error
 	select {
-	case err = <-confirmed:
+	case err = <-confirmed: // nil, or the subscriber was lost
 	case <-timeout.C:
-		err = errSubscribeTimeout
+		h.leave(c)
+		return &handshakeError{504, "subscribe_timeout", "Redis did not confirm the subscription in time"}
 	case <-ctx.Done(): // the client left: refuse counts an abort
 		err = ctx.Err()
 	}
-	if err == nil {
-		return nil
+	if err != nil {
+		h.leave(c)
+		return unavailable
 	}
-	h.leave(c)
-	if err == errSubscribeTimeout {
-		return &handshakeError{504, "subscribe_timeout", "Redis did not confirm the subscription in time"}
-	}
-	return &handshakeError{503, "redis_unavailable", "Redis is unavailable"}
+	return nil
 }
-
-var (
-	errSubscribeTimeout = errors.New("subscribe timeout")
-	errRedisUnavailable = errors.New("redis unavailable")
-)
 
 // leave forgets c, and unsubscribes when it was the channel's last connection.
 func (h *hub) leave(c *conn) {
@@ -1545,7 +1537,7 @@ func (h *hub) subscriber(ctx context.Context) error {
 	for _, waiters := range h.waiting { // their handshakes answer 503 now
 		for _, w := range waiters {
 			if w != nil {
-				w <- errRedisUnavailable
+				w <- errors.New("redis subscriber lost")
 			}
 		}
 	}
@@ -1725,13 +1717,11 @@ func dialRedis(ctx context.Context, cfg *config, options ...redis.DialOption) (r
 
 // subscriberConn is the subscriber's socket. It reads through a large
 // buffer (redigo's own is 4 KiB: a system call per few messages on a busy
-// subscriber), calls beforeWait when all it read is consumed, and skips
-// the deadline redigo clears before every reply when none is set. Only the
-// receiving goroutine reads it and sets its deadline.
+// subscriber), and calls beforeWait when all it read is consumed. Only the
+// receiving goroutine reads it.
 type subscriberConn struct {
 	net.Conn
 	reader     *bufio.Reader
-	noDeadline bool
 	beforeWait func()
 }
 
@@ -1740,14 +1730,6 @@ func (c *subscriberConn) Read(p []byte) (int, error) {
 		c.beforeWait()
 	}
 	return c.reader.Read(p)
-}
-
-func (c *subscriberConn) SetReadDeadline(t time.Time) error {
-	if t.IsZero() && c.noDeadline {
-		return nil
-	}
-	c.noDeadline = t.IsZero()
-	return c.Conn.SetReadDeadline(t)
 }
 
 // rawReader reads a socket with rawSyscall, and waits in the network
@@ -1869,22 +1851,15 @@ func (m *metrics) handle(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(w, b.String())
 }
 
-// processStats reads RSS and CPU time from /proc (Linux; elsewhere ok is false).
+// processStats reads the resident memory from /proc (Linux; elsewhere ok
+// is false) and the CPU time the process used.
 func processStats() (rss int64, cpuSeconds float64, ok bool) {
-	stat, err := os.ReadFile("/proc/self/stat")
-	if err != nil {
+	statm, err := os.ReadFile("/proc/self/statm") // sizes in pages: total, resident, ...
+	var usage syscall.Rusage
+	if _, scanErr := fmt.Sscan(string(statm), new(int64), &rss); err != nil || scanErr != nil || syscall.Getrusage(syscall.RUSAGE_SELF, &usage) != nil {
 		return 0, 0, false
 	}
-	// Fields after the command name, which is in parentheses and may hold spaces.
-	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
-	if len(fields) < 22 {
-		return 0, 0, false
-	}
-	utime, _ := strconv.ParseFloat(fields[11], 64)
-	stime, _ := strconv.ParseFloat(fields[12], 64)
-	pages, _ := strconv.ParseInt(fields[21], 10, 64)
-	const clockTicks = 100 // USER_HZ, 100 on every Linux architecture Go supports
-	return pages * int64(os.Getpagesize()), (utime + stime) / clockTicks, true
+	return rss * int64(os.Getpagesize()), time.Duration(usage.Utime.Nano() + usage.Stime.Nano()).Seconds(), true
 }
 
 // ---------------------------------------------------------------------------
