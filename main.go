@@ -57,9 +57,6 @@ import (
 
 // Timing and sizes that are not configurable, and how they relate.
 const (
-	// writeWait bounds a write that has to wait for the socket: a client
-	// that takes nothing for this long is gone, whatever its queue holds.
-	writeWait = 10 * time.Second
 	// closeWait is how long a closing connection waits for the client's
 	// close frame after sending its own (RFC 6455 §7.1.1).
 	closeWait = 2 * time.Second
@@ -78,22 +75,34 @@ const (
 	healthTimeout = time.Second
 	// maxWrite is about what one write system call sends to a client.
 	maxWrite = 64 << 10
-	// readChunk is the most a message grows by before its bytes arrive:
-	// memory follows what a client sent, never the length it claimed.
+	// readChunk is the most one read of a frame's payload takes.
 	readChunk = 32 << 10
+	// sendBuffer bounds the kernel's send buffer of a client socket (Linux
+	// doubles it): what a stalled client holds outside wsproxy's own queue
+	// bounds, and what a slow one must drain for the writer to see progress.
+	sendBuffer = 128 << 10
+	// frameOverhead is what holding a queued frame costs besides its
+	// payload; it counts against the queue bounds, so that a flood of empty
+	// frames (pongs) is bounded too.
+	frameOverhead = 64
 	// keepaliveChannel is subscribed by every instance and published to by
 	// none: it keeps the subscriber in subscribed mode even with no client,
 	// where Redis answers PING in a form PubSubConn parses.
 	keepaliveChannel = "wsproxy:keepalive"
 )
 
-// Plain HTTP requests (health checks, metrics, handshakes) must arrive
-// within httpRequestTimeout, and an idle keep-alive connection is closed
-// after httpIdleTimeout. An upgraded WebSocket clears these deadlines: its
-// own (liveness, writeWait) rule it. Variables so that tests can shorten them.
+// Timeouts that are variables only so that tests can shorten them. Plain
+// HTTP requests (health checks, metrics, handshakes) must arrive within
+// httpRequestTimeout, and an idle keep-alive connection is closed after
+// httpIdleTimeout. An upgraded WebSocket clears these deadlines: liveness
+// and writeWait rule it.
 var (
 	httpRequestTimeout = 10 * time.Second
 	httpIdleTimeout    = 60 * time.Second
+	// writeWait bounds how long the writer waits for a socket that takes
+	// nothing: a client whose kernel buffer (sendBuffer) stays full for
+	// this long is gone, whatever its queue holds.
+	writeWait = 10 * time.Second
 )
 
 // ---------------------------------------------------------------------------
@@ -326,7 +335,7 @@ type proxy struct {
 	hub      *hub
 	metrics  *metrics
 	draining atomic.Bool
-	slots    atomic.Int64  // connections open or in their handshake, for MAX_CONNECTIONS
+	slots    atomic.Int64  // connections open or in their handshake (refusals too), for MAX_CONNECTIONS
 	nextID   atomic.Uint64 // connection ids for logs
 	released chan struct{} // poked whenever a slot is released, for drain
 }
@@ -380,7 +389,7 @@ func (p *proxy) run(ln net.Listener, signals <-chan os.Signal) error {
 		p.log.Info("stopped")
 	}()
 
-	srv := &http.Server{Handler: p, ReadTimeout: httpRequestTimeout, IdleTimeout: httpIdleTimeout,
+	srv := &http.Server{Handler: p, ReadTimeout: httpRequestTimeout, IdleTimeout: httpIdleTimeout, MaxHeaderBytes: 32 << 10,
 		WriteTimeout: httpRequestTimeout + p.cfg.AuthTimeout + p.cfg.SubscribeTimeout, // a handshake waits for Redis before its 101
 		ErrorLog:     slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)}
 	served := make(chan error, 1)
@@ -513,9 +522,11 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusMethodNotAllowed, errorBody("method_not_allowed", "use GET"))
 		return
 	}
+	p.slots.Add(1) // until the handshake fails, or serve ends
 	c, herr := p.handshake(r)
 	if herr != nil {
 		p.refuse(w, r, herr)
+		p.releaseSlot()
 		return
 	}
 	netConn, reader := upgrade(w, r)
@@ -532,8 +543,8 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	go c.serve()
 }
 
-// handshake makes the checks in their order. On success the connection
-// holds a slot, which serve releases, and its own confirmed subscription.
+// handshake makes the checks in their order. On success the connection has
+// its own confirmed subscription.
 func (p *proxy) handshake(r *http.Request) (*conn, *handshakeError) {
 	agentID, sessionID := r.PathValue("agent"), r.PathValue("session")
 	if !validID(agentID) || !validID(sessionID) {
@@ -542,19 +553,16 @@ func (p *proxy) handshake(r *http.Request) (*conn, *handshakeError) {
 	if p.draining.Load() {
 		return nil, &handshakeError{503, "draining", "the server is shutting down; reconnect to another instance"}
 	}
-	if p.slots.Add(1) > int64(p.cfg.MaxConnections) {
-		p.releaseSlot()
+	if p.slots.Load() > int64(p.cfg.MaxConnections) {
 		return nil, &handshakeError{503, "too_many_connections", "the server is at MAX_CONNECTIONS"}
 	}
 	if herr := p.authorize(r, sessionID); herr != nil {
-		p.releaseSlot()
 		return nil, herr
 	}
 	c := &conn{p: p, id: p.nextID.Add(1), agentID: agentID, sessionID: sessionID,
 		channel: "session:" + sessionID + ":down", remote: r.RemoteAddr, opened: time.Now()}
 	c.pingedAt, c.lastData = c.opened, c.opened.UnixNano() // the first ping goes out one interval after the open
 	if herr := p.hub.join(r.Context(), c); herr != nil {
-		p.releaseSlot()
 		return nil, herr
 	}
 	return c, nil
@@ -587,9 +595,10 @@ func (p *proxy) authorize(r *http.Request, sessionID string) *handshakeError {
 	return p.checkRedisToken(r.Context(), sessionID, token)
 }
 
-// isUpgrade reports whether r asks for a WebSocket (RFC 6455 §4.2.1).
+// isUpgrade reports whether r asks for a WebSocket (RFC 6455 §4.2.1), as
+// x/net/websocket will check it.
 func isUpgrade(r *http.Request) bool {
-	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket") &&
+	return strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") &&
 		r.Header.Get("Sec-WebSocket-Key") != "" && r.Header.Get("Sec-WebSocket-Version") == "13"
 }
 
@@ -704,7 +713,7 @@ func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError
 		if netConn, _ := upgrade(w, r); netConn != nil {
 			closeRefused(netConn, 4000+e.status, e.code)
 		}
-	case r.Header.Get("Sec-WebSocket-Version") != "13" && headerHasToken(r.Header, "Upgrade", "websocket"):
+	case r.Header.Get("Sec-WebSocket-Version") != "13" && strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
 		w.Header().Set("Sec-WebSocket-Version", "13") // the version spoken here (RFC 6455 §4.4)
 		fallthrough
 	default:
@@ -733,7 +742,13 @@ func closeRefused(netConn net.Conn, code int, reason string) {
 func upgrade(w http.ResponseWriter, r *http.Request) (net.Conn, *bufio.Reader) {
 	h := &hijackCapture{ResponseWriter: w}
 	upgraded := false
-	websocket.Server{Handler: func(*websocket.Conn) { upgraded = true }}.ServeHTTP(h, r)
+	websocket.Server{Handler: func(*websocket.Conn) { upgraded = true },
+		// wsproxy speaks no subprotocol; a browser that offers some (to carry
+		// a token, say) fails without one in the answer: echo the first.
+		Handshake: func(cfg *websocket.Config, _ *http.Request) error {
+			cfg.Protocol = cfg.Protocol[:min(1, len(cfg.Protocol))]
+			return nil
+		}}.ServeHTTP(h, r)
 	if h.netConn != nil && !upgraded {
 		h.netConn.Close() // keepOpen kept x/net/websocket from closing it
 	}
@@ -822,7 +837,8 @@ type conn struct {
 	down, up     int64      // messages, for the close log
 	queue        []outFrame // frames not yet written whole, oldest first
 	inFlight     int        // frames at the front of queue that the writer is writing
-	queued       int        // bytes in queue but the close frame's; also in metrics.queuedBytes
+	queued       int        // cost of the frames in queue but the close frame; also in metrics.queuedBytes
+	behindSince  int64      // UnixNano when the running writer started: the client is behind since
 	started      bool       // from the 101 until the reader ends: frames may go out
 	writing      bool       // a writeLoop runs: only it writes
 	flushPending bool       // the Redis reader flushes the queue once it has dispatched what it read
@@ -834,8 +850,9 @@ type conn struct {
 // attach gives the connection its socket.
 func (c *conn) attach(netConn net.Conn, reader *bufio.Reader) {
 	c.netConn, c.reader = netConn, reader
-	if sc, ok := netConn.(syscall.Conn); ok {
-		c.raw, _ = sc.SyscallConn()
+	if tcp, ok := netConn.(*net.TCPConn); ok {
+		tcp.SetWriteBuffer(sendBuffer)
+		c.raw, _ = tcp.SyscallConn()
 	}
 	c.attempt = c.once.attempt // made once: a method value passed on is made anew each time
 }
@@ -988,26 +1005,29 @@ func (h frameHeader) violation(inMessage bool) string {
 }
 
 // readPayload reads a frame's payload and appends it to b, unmasked, or
-// discards it. It reads at most readChunk bytes at a time, so b grows with
-// the bytes that arrive, never with the length the header claims.
+// discards it. It takes what has arrived at each read, and b grows from
+// 4 KiB by doubling as bytes arrive: memory follows what a client sent,
+// never the length its header claims.
 func (c *conn) readPayload(b []byte, h frameHeader, discard bool) ([]byte, error) {
 	for pos := uint64(0); pos < h.length; {
-		c.stillAlive()
-		n := int(min(h.length-pos, readChunk))
+		c.stillAlive() // each read that brings bytes proves the peer is there
+		want, got, err := int(min(h.length-pos, readChunk)), 0, error(nil)
 		if discard {
-			_, err := io.CopyN(io.Discard, c.reader, int64(n))
-			if pos += uint64(n); err != nil {
-				return b, err
+			if _, err = c.reader.Peek(1); err == nil {
+				got, err = c.reader.Discard(min(want, c.reader.Buffered()))
 			}
-			continue
+		} else {
+			if len(b) == cap(b) {
+				b = slices.Grow(b, min(want, max(len(b), 4<<10)))
+			}
+			room := b[len(b):min(cap(b), len(b)+want)]
+			got, err = c.reader.Read(room)
+			for i := range got { // RFC 6455 §5.3
+				room[i] ^= h.mask[(pos+uint64(i))%4]
+			}
+			b = b[:len(b)+got]
 		}
-		start := len(b)
-		b = slices.Grow(b, n)[:start+n]
-		got, err := io.ReadFull(c.reader, b[start:])
-		for i := range got { // RFC 6455 §5.3
-			b[start+i] ^= h.mask[(pos+uint64(i))%4]
-		}
-		if b, pos = b[:start+got], pos+uint64(got); err != nil {
+		if pos += uint64(got); err != nil {
 			return b, err
 		}
 	}
@@ -1115,22 +1135,13 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 	case f.received != 0:
 		c.lastData, c.streamEnd = f.received, 0
 	}
-	cfg, n := c.p.cfg, len(f.data)
-	limit, bound := "", 0
-	switch {
-	case c.queued+n > cfg.MaxBufferSize:
-		limit, bound = "connection", cfg.MaxBufferSize
-	case c.writing && c.p.metrics.queuedBytes.Load()+int64(n) > int64(cfg.MaxTotalBuffer):
-		limit, bound = "total", cfg.MaxTotalBuffer
-	}
-	if limit != "" {
-		c.p.metrics.slowCloses[limit].Add(1)
-		c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit, "limit_bytes", bound)
-		c.closeLocked(1008, "client too slow", true)
+	cfg := c.p.cfg
+	if c.queued+cost(f) > cfg.MaxBufferSize {
+		c.tooSlowLocked("connection", cfg.MaxBufferSize)
 		return false
 	}
 	c.queue = append(c.queue, f)
-	c.account(n)
+	c.account(cost(f))
 	if !c.warned && c.queued > cfg.MaxBufferSize/5*4 {
 		c.warned = true
 		c.log(slog.LevelWarn, "client is falling behind", "queued_bytes", c.queued, "limit_bytes", cfg.MaxBufferSize)
@@ -1145,6 +1156,16 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 	}
 	return false
 }
+
+// tooSlowLocked closes a client that cannot keep up, for the bound named.
+func (c *conn) tooSlowLocked(limit string, bound int) {
+	c.p.metrics.slowCloses[limit].Add(1)
+	c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit, "limit_bytes", bound)
+	c.closeLocked(1008, "client too slow", true)
+}
+
+// cost is what a queued frame counts against the queue bounds.
+func cost(f outFrame) int { return len(f.data) + frameOverhead }
 
 // account adds n (negative: written or dropped) to the bytes queued, for
 // this connection and for all of them. c.mu is held.
@@ -1173,7 +1194,7 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 			keep = 1
 		}
 		for _, f := range c.queue[keep:] {
-			c.account(-len(f.data))
+			c.account(-cost(f))
 		}
 		clear(c.queue[keep:])
 		c.queue = c.queue[:keep]
@@ -1194,14 +1215,14 @@ func (c *conn) flushLocked() {
 	buf := getBuffer()
 	defer putBuffer(buf)
 	*buf, _ = c.encodeLocked((*buf)[:0])
-	n, err := c.tryWrite(*buf)
+	n, err := c.tryWrite(*buf, false)
 	if err != nil {
 		c.failLocked(err)
 		return
 	}
 	c.advanceLocked(n)
 	if len(c.queue) > 0 {
-		c.writing = true
+		c.writing, c.behindSince = true, time.Now().UnixNano()
 		c.writers.Add(1)
 		go c.writeLoop() // ends when the queue is empty; serve waits for it
 	}
@@ -1232,17 +1253,19 @@ func (c *conn) writeLoop() {
 }
 
 // encodeLocked encodes frames from the front of the queue (RFC 6455 §5.2:
-// FIN set, as wsproxy never fragments; a server does not mask), up to about
-// maxWrite bytes and never past the close frame. n is how many.
+// FIN set, as wsproxy never fragments; a server does not mask), but what
+// of them was sent already, up to maxWrite bytes and never past the close
+// frame. n is how many frames it took, the last one perhaps in part.
 func (c *conn) encodeLocked(b []byte) (_ []byte, n int) {
 	for n < len(c.queue) && len(b) < maxWrite {
 		f := &c.queue[n]
 		n++
-		start := len(b)
-		b = append(appendFrameHeader(b, f.op, len(f.data)), f.data...)
-		if f.sent > 0 {
-			b = append(b[:start], b[start+f.sent:]...)
-		}
+		var h [10]byte
+		header := appendFrameHeader(h[:0], f.op, len(f.data))
+		skip := min(f.sent, len(header))
+		b = append(b, header[skip:]...)
+		data := f.data[f.sent-skip:]
+		b = append(b, data[:min(len(data), max(0, maxWrite-len(b)))]...)
 		if f.op == opClose {
 			break
 		}
@@ -1275,7 +1298,7 @@ func (c *conn) advanceLocked(written int) {
 			m.bytesDown.Add(int64(len(f.data)))
 			m.latency.observe(now - f.received)
 		}
-		c.account(-len(f.data))
+		c.account(-cost(*f))
 	}
 	rest := len(c.queue) - done
 	clear(c.queue[:done])
@@ -1286,27 +1309,35 @@ func (c *conn) advanceLocked(written int) {
 	}
 }
 
-// write writes b whole: first without waiting, and only when the kernel
-// does not take it all at once, with a deadline of writeWait for the rest.
+// write writes b whole for the writer: first without waiting, then waiting
+// for room in the socket, but never writeWait without progress: a client
+// whose socket takes nothing for that long is gone (README: Liveness).
 func (c *conn) write(b []byte) error {
-	n, err := c.tryWrite(b)
-	if err != nil || n == len(b) {
-		return err
+	n, err := c.tryWrite(b, false)
+	waited := false
+	for b = b[n:]; err == nil && len(b) > 0; b = b[n:] {
+		c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
+		n, err = c.tryWrite(b, true)
+		waited = true
 	}
-	c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
-	_, err = c.netConn.Write(b[n:])
-	c.netConn.SetWriteDeadline(time.Time{}) // else tryWrite fails once it has passed
+	if waited {
+		c.netConn.SetWriteDeadline(time.Time{}) // else tryWrite fails once it has passed
+	}
 	return err
 }
 
-// tryWrite writes what the kernel takes of b at once: nothing when the
-// socket's buffer is full. It never waits. Only one of flushLocked and
-// writeLoop calls it at a time (see conn).
-func (c *conn) tryWrite(b []byte) (int, error) {
-	if c.raw == nil {
-		return 0, nil // not a socket: the writer waits instead
+// tryWrite makes one write system call of b and returns what the kernel
+// took. When the socket is full it returns 0 at once, or with wait set,
+// waits for room first (up to the write deadline). Only one of flushLocked
+// and writeLoop calls it at a time (see conn).
+func (c *conn) tryWrite(b []byte, wait bool) (int, error) {
+	if c.raw == nil { // not a socket: only the writer writes, and waits
+		if !wait {
+			return 0, nil
+		}
+		return c.netConn.Write(b)
 	}
-	c.once.b = b
+	c.once.b, c.once.wait = b, wait
 	err := c.raw.Write(c.attempt)
 	n, errno := c.once.n, c.once.err
 	c.once.b = nil
@@ -1317,16 +1348,18 @@ func (c *conn) tryWrite(b []byte) (int, error) {
 }
 
 // oneWrite is one write system call as syscall.RawConn.Write runs it:
-// attempt returns true after one try, so Write never parks the goroutine.
+// attempt is done after one try, so that Write never parks the goroutine,
+// unless wait is set and the socket was full.
 type oneWrite struct {
-	b   []byte
-	n   int
-	err error
+	b    []byte
+	wait bool
+	n    int
+	err  error
 }
 
 func (w *oneWrite) attempt(fd uintptr) bool {
 	w.n, w.err = rawSyscall(syscall.SYS_WRITE, fd, w.b)
-	return true
+	return !w.wait || w.err != syscall.EAGAIN
 }
 
 // rawSyscall reads or writes a socket that does not block. syscall.Read
@@ -1664,9 +1697,42 @@ func (h *hub) dispatch(channel string, data []byte, received int64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, c := range h.channels[channel] {
+		if h.metrics.queuedBytes.Load()+int64(cost(f)) > int64(h.cfg.MaxTotalBuffer) {
+			h.shedLocked(int64(cost(f)))
+		}
 		if c.send(f, true) {
 			h.flushes = append(h.flushes, c)
 		}
+	}
+}
+
+// shedLocked closes with 1008 the clients that have been behind the
+// longest (their writer waits for the socket) until n more bytes fit under
+// MAX_TOTAL_BUFFER_BYTES. A client with nothing waiting is never closed for
+// the others. h.mu is held.
+func (h *hub) shedLocked(n int64) {
+	type behind struct {
+		c     *conn
+		since int64
+	}
+	var candidates []behind
+	for _, conns := range h.channels {
+		for _, c := range conns {
+			c.mu.Lock()
+			if c.writing && !c.closing {
+				candidates = append(candidates, behind{c, c.behindSince})
+			}
+			c.mu.Unlock()
+		}
+	}
+	slices.SortFunc(candidates, func(a, b behind) int { return cmp.Compare(a.since, b.since) })
+	for _, b := range candidates {
+		if h.metrics.queuedBytes.Load()+n <= int64(h.cfg.MaxTotalBuffer) {
+			return
+		}
+		b.c.mu.Lock()
+		b.c.tooSlowLocked("total", h.cfg.MaxTotalBuffer)
+		b.c.mu.Unlock()
 	}
 }
 
@@ -1879,19 +1945,6 @@ func processStats() (rss int64, cpuSeconds float64, ok bool) {
 // validID: 1-128 characters of [A-Za-z0-9._~-] (README: Endpoints).
 func validID(s string) bool {
 	return len(s) > 0 && len(s) <= 128 && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~-") == ""
-}
-
-// headerHasToken reports whether a comma-separated header lists token,
-// ignoring case ("Connection: keep-alive, Upgrade" from Firefox).
-func headerHasToken(h http.Header, name, token string) bool {
-	for _, v := range h.Values(name) {
-		for _, t := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), token) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // halfClose shuts the write side of a TCP connection: the peer reads EOF.

@@ -308,6 +308,9 @@ func tryDialWith(d *net.Dialer, addr, path string, header http.Header, upgrade b
 	for k, v := range header {
 		req.Header[k] = v
 	}
+	if host := header.Get("Host"); host != "" {
+		req.Host = host // req.Write takes it from here
+	}
 	if err := req.Write(nc); err != nil {
 		nc.Close()
 		return nil, handshakeResult{}, err
@@ -4965,7 +4968,8 @@ func TestHandshakeRefusedByLibraryLeavesNothing(t *testing.T) {
 	tp := startProxy(t, r)
 	id, token := r.session(t)
 	start := time.Now()
-	_, res := tp.dial(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}, "Sec-Websocket-Protocol": {"a, b"}})
+	// A Host that net/http lets through but x/net/websocket cannot parse.
+	_, res := tp.dial(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}, "Host": {"%zz"}})
 	if res.status != 400 {
 		t.Errorf("got %d %s, want 400", res.status, res.body)
 	}
