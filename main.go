@@ -812,6 +812,9 @@ type conn struct {
 
 	reader   *bufio.Reader // the reader goroutine's alone
 	pingedAt time.Time     // the sweeper's alone
+	once     oneWrite      // tryWrite's system call and result: whoever writes, one at a time
+	attempt  func(uintptr) bool
+	writers  sync.WaitGroup // the writer, for serve to wait on
 
 	mu           sync.Mutex // guards everything below
 	lastData     int64      // UnixNano of the last data message either way
@@ -826,9 +829,6 @@ type conn struct {
 	closing      bool       // the close frame is queued, or the socket failed: nothing more is queued
 	warned       bool       // the 80% warning was logged
 	reason       string     // why the connection closes, for the log
-	once         oneWrite   // tryWrite's system call and its result
-	attempt      func(uintptr) bool
-	writers      sync.WaitGroup
 }
 
 // attach gives the connection its socket.
@@ -1258,7 +1258,7 @@ func (c *conn) advanceLocked(written int) {
 	m, now, done := c.p.metrics, time.Now().UnixNano(), 0
 	for ; done < len(c.queue) && written > 0; done++ {
 		f := &c.queue[done]
-		left := len(appendFrameHeader(nil, 0, len(f.data))) + len(f.data) - f.sent
+		left := headerLength(len(f.data)) + len(f.data) - f.sent
 		if written < left {
 			f.sent += written
 			break
@@ -1372,13 +1372,24 @@ func putBuffer(b *[]byte) {
 
 func appendFrameHeader(b []byte, op byte, n int) []byte {
 	b = append(b, 0x80|op)
-	switch {
-	case n <= 125:
+	switch headerLength(n) {
+	case 2:
 		return append(b, byte(n))
-	case n <= 0xFFFF:
+	case 4:
 		return append(b, 126, byte(n>>8), byte(n))
 	}
 	return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+}
+
+// headerLength is the length of a server frame's header (RFC 6455 §5.2).
+func headerLength(payload int) int {
+	switch {
+	case payload <= 125:
+		return 2
+	case payload <= 0xFFFF:
+		return 4
+	}
+	return 10
 }
 
 // refreshToken restarts the auth key's grace period when a client leaves.

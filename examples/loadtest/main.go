@@ -1,59 +1,53 @@
-// Command loadtest drives a wsproxy on this machine with sessions of its own
-// and reports memory per connection, connection rate, delivery latency and
-// CPU per message.
+// Command loadtest drives a wsproxy on this machine (loopback addresses only)
+// with sessions of its own and reports memory per connection, connection
+// rate, delivery latency and CPU per message, each measurement -runs times:
+// every run and the median.
 //
-// Sessions: it writes session:{id}:auth = a random token to Redis (ids are a
-// random run id and a number), connects as /load/ws/{id} with
-// "Authorization: Bearer <token>" and no Origin header unless -origin is set,
-// publishes to session:{id}:down itself, and deletes the auth keys when it
-// ends, also on Ctrl+C or -timeout.
+// Sessions: it writes session:{id}:auth = a random token to Redis, connects
+// as /load/ws/{id} with "Authorization: Bearer <token>" and no Origin header
+// unless -origin is set (a refused handshake counts as failed, under its HTTP
+// status line), publishes to session:{id}:down itself, and deletes the auth
+// keys at the end, also on Ctrl+C or -timeout. A message is a JSON string
+// "<unix nanos> <sequence> xxx…" of -size bytes; its latency PUBLISH ->
+// WebSocket receive comes from the stamp, and every latency of a run is kept,
+// so the percentiles are exact (nearest rank). Four pipelined Redis
+// connections publish, each owning every fourth session so that a session's
+// messages stay in order, at most 1,024 PUBLISHes per write; at a rate, each
+// sends its share on a 1 ms ticker and catches up on late ticks.
 //
-// Messages: every one is a JSON string "<unix nanos> <sequence> xxx…" of
-// -size bytes. The client takes the latency PUBLISH -> WebSocket receive from
-// the stamp, and counts a message whose sequence number is not its session's
-// last plus one as out of order. Publishing goes over -publishers pipelined
-// Redis connections, each owning every n-th session (so that a session's
-// messages stay in order) and sending at most 1,024 PUBLISHes per write; at a
-// rate, each sends its share on a 1 ms ticker and catches up when a tick
-// comes late.
-//
-// Modes:
-//
-//	idle     Connect -n clients, -c at a time, wait -settle, and divide the
-//	         growth of the proxy's RSS, Go heap and stacks by the connections
-//	         established. Then publish one message to every session and count
-//	         the connections that received it.
+//	idle     Connect -n clients, -c at a time, wait 2 s, and divide the growth
+//	         of the proxy's RSS, Go heap and stacks (go_memstats_heap_inuse_bytes,
+//	         go_memstats_stack_inuse_bytes) by the connections established;
+//	         then publish one message to every session and count the
+//	         connections that received it.
 //	connect  Connect -n clients with -c concurrent dialers: connections per
 //	         second over the whole batch, handshake latency (dial to 101).
 //	fanout   One client on each of -sessions sessions. After a 2 s warm-up,
-//	         publish -size byte messages round robin over the sessions at
-//	         -rate msg/s in total for -duration: delivered, lost, latency, CPU
-//	         per message. A comma list of rates runs each in turn and ends
-//	         with a table of the medians per rate.
-//	stream   One session. Publish -size byte messages as fast as the client
-//	         takes them, at most -window published but not yet received:
-//	         MB/s, msg/s, CPU per message, lost.
+//	         publish -size byte messages round robin at -rate msg/s in total
+//	         for -duration: delivered, lost, latency, CPU per message. A comma
+//	         list of rates runs each in turn, then prints the medians per rate.
+//	stream   One session, its client reading through a 256 KiB buffer: for
+//	         -duration, publish as fast as the client takes the messages, at
+//	         most 1,000 published but not yet received. MB/s over publish
+//	         start to last delivery, msg/s, CPU per message, lost.
 //
-// CPU per message: the proxy's user+system time over the run (/proc/PID/stat
+// CPU per message is the proxy's user+system time over the run (/proc/PID/stat
 // before and after) divided by the messages delivered to the clients. fanout
-// and stream also start a bare redigo subscriber, this program with -mode
-// baresub as a child process, on the same channels in the same run; its CPU
-// (/proc/PID/stat likewise) divided by the messages it received is the floor,
-// and proxy / bare the proxy's overhead. Redis's CPU (INFO cpu), the load
-// generator's own (getrusage) and everything else on the machine (/proc/stat)
-// are shown beside them, since all share the cores. The proxy's own delivery
+// and stream also run a bare redigo subscriber on the same channels, this
+// program with -mode baresub as a child process: its CPU (/proc/PID/stat
+// likewise) per message it received is the floor, and proxy / bare the
+// proxy's overhead. Redis's CPU (INFO cpu) and this program's (/proc/self/stat)
+// are shown too; "other processes" is the machine's CPU (/proc/stat) minus
+// those four, in cores: how noisy the run was. The proxy's own delivery
 // latency (Redis receive -> frame written) is the difference of its
-// wsproxy_delivery_latency_seconds histogram on /metrics between the start and
-// the end of the run; heap, stacks and goroutines come from /metrics too.
+// wsproxy_delivery_latency_seconds histogram over the run: the mean, and the
+// smallest bucket bound that holds 99 %.
 //
-// The proxy: -spawn BIN starts a fresh one for every idle and connect run and
-// one for fanout and stream (PORT and REDIS_URL derived from -proxy and
-// -redis, LOG_LEVEL=warn unless set); -pid or -pidfile names one started by
-// hand; with neither, CPU and RSS come from /metrics. Only loopback addresses
-// are accepted.
-//
-// Each measurement runs -runs times; stdout gets a table of every run and the
-// median, stderr progress every second. From the repository root:
+// -spawn BIN starts a fresh proxy for every idle and connect run and one for
+// fanout and stream (HOST=127.0.0.1, PORT and REDIS_URL from -proxy and
+// -redis, LOG_LEVEL=warn unless set); -pid names one started by hand; with
+// neither, the proxy's CPU and RSS come from its /metrics. The commands behind
+// the README's figures, from the repository root:
 //
 //	go build -o /tmp/wsproxy .
 //	L="go run ./examples/loadtest -proxy ws://127.0.0.1:18080 -spawn /tmp/wsproxy"
@@ -68,9 +62,9 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -95,422 +89,316 @@ import (
 	"golang.org/x/net/websocket"
 )
 
-// cfg holds the flags.
-var cfg struct {
-	mode, proxy, redis, metrics, origin, spawn, rates, runID          string
-	pid, n, dialers, sessions, size, runs, publishers, window, srcIPs int
-	count                                                             int64
-	duration, settle, timeout                                         time.Duration
-	floor                                                             bool
-	rateList                                                          []float64 // -rate
-}
+const (
+	publishers   = 4               // pipelined Redis connections that publish
+	maxBatch     = 1024            // PUBLISHes per write
+	streamWindow = 1000            // stream: most messages published but not yet received
+	settle       = 2 * time.Second // idle: wait after connecting, before reading memory
+	warmUp       = 2 * time.Second // fanout: unmeasured publishing before the first run
+)
 
-func parseFlags() {
-	flag.StringVar(&cfg.mode, "mode", "", "idle | connect | fanout | stream")
-	flag.StringVar(&cfg.proxy, "proxy", "ws://127.0.0.1:8080", "proxy base URL (loopback only)")
-	flag.StringVar(&cfg.redis, "redis", "redis://127.0.0.1:6379", "Redis URL (loopback only)")
-	flag.StringVar(&cfg.metrics, "metrics", "", "proxy metrics URL (default: derived from -proxy)")
-	flag.StringVar(&cfg.origin, "origin", "", "Origin header for the clients (default none). With one, a refused handshake may be\nanswered by a 101 and a close frame: counted as a connection closed by the proxy, not a failed one")
-	flag.IntVar(&cfg.pid, "pid", 0, "proxy PID: read CPU and RSS from /proc")
-	pidfile := flag.String("pidfile", "", "file holding the proxy PID")
-	flag.StringVar(&cfg.spawn, "spawn", "", "proxy binary to start itself (PORT, REDIS_URL from -proxy, -redis; LOG_LEVEL=warn unless set):\na fresh process for every idle and connect run, one for fanout and stream")
-	flag.IntVar(&cfg.n, "n", 10000, "idle, connect: number of connections")
-	flag.IntVar(&cfg.dialers, "c", 64, "concurrent dialers")
-	flag.IntVar(&cfg.sessions, "sessions", 1000, "fanout: sessions, one connection each")
-	flag.StringVar(&cfg.rates, "rate", "", "total msg/s; a comma list runs each rate (fanout default 20000; stream default 0 = as fast as possible)")
-	flag.IntVar(&cfg.size, "size", 0, "message bytes (fanout default 64, stream default 1024)")
-	flag.DurationVar(&cfg.duration, "duration", 10*time.Second, "fanout, stream: publishing time per run")
-	flag.Int64Var(&cfg.count, "count", 0, "stream: messages per run instead of -duration")
-	flag.IntVar(&cfg.runs, "runs", 3, "runs per measurement; the table shows each and the median")
-	flag.IntVar(&cfg.publishers, "publishers", 4, "Redis publisher connections (pipelined)")
-	flag.IntVar(&cfg.window, "window", 1000, "stream: most messages published but not yet received")
-	flag.DurationVar(&cfg.settle, "settle", 2*time.Second, "idle: wait after connecting before reading memory")
-	flag.IntVar(&cfg.srcIPs, "srcips", 1, "spread client connections over 127.0.0.1..127.0.0.N (for > 28k ports)")
-	flag.BoolVar(&cfg.floor, "floor", true, "fanout, stream: also run a bare redigo subscriber")
-	flag.DurationVar(&cfg.timeout, "timeout", 5*time.Minute, "bound on the whole run")
-	flag.StringVar(&cfg.runID, "run", "", "baresub (internal): the parent's run id")
-	flag.Parse()
-	if !slices.Contains([]string{"idle", "connect", "fanout", "stream", "baresub"}, cfg.mode) {
-		fatalf("-mode must be idle, connect, fanout or stream")
-	}
-	stream := cfg.mode == "stream"
-	if cfg.size == 0 {
-		cfg.size = map[bool]int{true: 1024, false: 64}[stream]
-	}
-	cfg.size = max(cfg.size, 32) // room for the quotes, the stamp and the sequence
-	if cfg.rates == "" {
-		cfg.rates = map[bool]string{true: "0", false: "20000"}[stream]
-	}
-	for _, s := range strings.Split(cfg.rates, ",") {
-		r, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
-		if err != nil || r < 0 {
-			fatalf("-rate: %q is not a rate", s)
-		}
-		cfg.rateList = append(cfg.rateList, r)
-	}
-	if cfg.metrics == "" {
-		cfg.metrics = strings.Replace(strings.TrimSuffix(cfg.proxy, "/"), "ws", "http", 1) + "/metrics"
-	}
-	if *pidfile != "" {
-		b, err := os.ReadFile(*pidfile)
-		if err != nil {
-			fatalf("-pidfile: %v", err)
-		}
-		if cfg.pid, err = strconv.Atoi(strings.TrimSpace(string(b))); err != nil {
-			fatalf("-pidfile %s: not a PID", *pidfile)
-		}
-	}
-	for _, u := range []string{cfg.proxy, cfg.redis, cfg.metrics} {
-		if !isLoopback(u) {
-			fatalf("%s: only loopback addresses may be load-tested", u)
-		}
-	}
-}
+var (
+	mode     = flag.String("mode", "", "idle | connect | fanout | stream")
+	proxyURL = flag.String("proxy", "ws://127.0.0.1:8080", "proxy base URL (loopback only)")
+	redisURL = flag.String("redis", "redis://127.0.0.1:6379", "Redis URL (loopback only)")
+	origin   = flag.String("origin", "", "Origin header for the clients (default none); with one, a refusal may come as a 101\nand a close frame, counted as a connection closed by the proxy")
+	spawn    = flag.String("spawn", "", "proxy binary to start: a fresh process for every idle and connect run, one for fanout and stream")
+	pid      = flag.Int("pid", 0, "PID of a proxy started by hand: its CPU and RSS from /proc")
+	conns    = flag.Int("n", 10000, "idle, connect: number of connections")
+	dialers  = flag.Int("c", 64, "concurrent dialers")
+	sessions = flag.Int("sessions", 1000, "fanout: sessions, one connection each")
+	rateList = flag.String("rate", "20000", "fanout: total msg/s; a comma list runs each rate")
+	size     = flag.Int("size", 0, "message bytes (fanout default 64, stream default 1024)")
+	duration = flag.Duration("duration", 10*time.Second, "fanout, stream: publishing time per run")
+	runs     = flag.Int("runs", 3, "runs per measurement")
+	timeout  = flag.Duration("timeout", 5*time.Minute, "bound on the whole run")
+	runID    = flag.String("run", "", "baresub (internal): the parent's run id")
+
+	metricsURL string // the proxy's, derived from -proxy
+)
 
 func main() {
-	parseFlags()
-	if cfg.mode == "baresub" {
+	flag.Parse()
+	if *mode == "baresub" {
 		os.Exit(runBareSub())
 	}
-	raiseFileLimit()
+	n, ok := map[string]int{"idle": *conns, "connect": *conns, "fanout": *sessions, "stream": 1}[*mode]
+	if !ok || n < 1 {
+		fatalf("-mode must be idle, connect, fanout or stream, with at least one session")
+	}
+	*size = max(cmp.Or(*size, map[bool]int{true: 1024, false: 64}[*mode == "stream"]), 32) // room for stamp and sequence
+	var rates []float64
+	for _, s := range strings.Split(*rateList, ",") {
+		if r, err := strconv.ParseFloat(strings.TrimSpace(s), 64); err == nil && r > 0 {
+			rates = append(rates, r)
+		} else {
+			fatalf("-rate: %q is not a rate", s)
+		}
+	}
+	metricsURL = strings.Replace(strings.TrimSuffix(*proxyURL, "/"), "ws", "http", 1) + "/metrics"
+	if !isLoopback(*proxyURL) || !isLoopback(*redisURL) {
+		fatalf("only loopback addresses may be load-tested")
+	}
+	var limit syscall.Rlimit // every connection is a file descriptor
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &limit) == nil {
+		limit.Cur = limit.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &limit)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	ctl, err := redis.DialURL(cfg.redis, redis.DialConnectTimeout(5*time.Second))
+	ctl, err := redis.DialURL(*redisURL, redis.DialConnectTimeout(5*time.Second))
 	if err != nil {
 		fatalf("redis: %v", err)
 	}
-	lt := &loadTest{runID: "lt" + randomHex(4), token: randomHex(16), ctl: ctl, pid: cfg.pid}
-	modes := map[string]func(context.Context) error{"idle": lt.idle, "connect": lt.connect, "fanout": lt.fanout, "stream": lt.stream}
-	err = modes[cfg.mode](ctx)
-	lt.cleanup()
-	for _, t := range lt.tables {
-		t.print(os.Stdout)
+	lt := &loadTest{runID: "lt" + rand.Text()[:8], token: rand.Text(), ctl: ctl, pid: *pid, stopProxy: func() {}}
+	for i := range n {
+		lt.ids = append(lt.ids, sessionID(lt.runID, i))
 	}
+	ttl := int(timeout.Seconds()) + 600
+	if _, err = lt.pipeline("SET", func(id string) []any { return []any{authKey(id), lt.token, "EX", ttl} }); err == nil {
+		switch *mode {
+		case "idle", "connect":
+			_, err = repeat(ctx, fmt.Sprintf("%s: %d connections, %d dialers", *mode, n, *dialers), lt.dialRun)
+		case "fanout", "stream":
+			err = lt.deliver(ctx, rates)
+		}
+	}
+	lt.cleanup()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "loadtest:", err)
 		os.Exit(1)
 	}
 }
 
-// loadTest holds one invocation's sessions, connections and counters.
+// loadTest is one invocation's sessions, processes, connections and counters.
 type loadTest struct {
 	runID, token string
-	ctl          redis.Conn // sessions, cleanup and INFO; main goroutine only
-	ids          []string   // sessions whose auth keys cleanup deletes
-	pub          publishers
-	bare         *bareSub
-	proxy        *exec.Cmd     // the -spawn proxy, if any
-	proxyExited  chan struct{} // closed when proxy has exited
-	pid          int           // the proxy's, 0 = unknown
-	readBuffer   int           // client read buffer beyond x/net/websocket's own, 0 = none
+	ctl          redis.Conn // sessions, INFO, cleanup; main goroutine only
+	ids          []string
+	pubs         []*publisher
+	bare         *exec.Cmd // the bare subscriber, in fanout and stream
+	stopProxy    func()    // ends the -spawn proxy, if any, and waits for it
+	pid          int       // the proxy's, 0 = unknown
+	readBuffer   int       // client read buffer beyond x/net/websocket's own, 0 = none
 	clients      []*client
-	readers      sync.WaitGroup
-	tables       []*table
+	mu           sync.Mutex
+	latency      []time.Duration // of every message received since takeLatencies
+	unrecognized sync.Once
 
-	// Of the clients: stamped messages received, of them out of sequence,
-	// connections ended by the proxy, other frames (control errors), and the
-	// time of the latest delivery (unix nanos).
-	delivered, disorder, dropped, other, lastRecv atomic.Int64
+	// Messages published, received by the bare subscriber, received by the
+	// clients, of them out of sequence; connections ended by the proxy; the
+	// latest delivery (unix nanos).
+	published, bareReceived, delivered, disorder, dropped, lastRecv atomic.Int64
 }
 
-// ---- the modes
-
-func (lt *loadTest) idle(ctx context.Context) error {
-	t := lt.newTable(fmt.Sprintf("idle: %d connections (RSS from %s)", cfg.n, lt.source()))
-	return lt.dialRuns(ctx, func(r dialRun) {
-		lt.startReaders(r.clients)
-		if sleepCtx(ctx, cfg.settle); ctx.Err() != nil {
-			return
+// repeat runs a measurement -runs times (fewer if ctx ends or it fails),
+// prints the table of the runs, and returns the medians.
+func repeat(ctx context.Context, title string, run func(context.Context) ([]figure, error)) (map[string]figure, error) {
+	var results [][]figure
+	var err error
+	for i := 0; i < *runs && ctx.Err() == nil && err == nil; i++ {
+		fmt.Fprintf(os.Stderr, "%s: run %d of %d\n", title, i+1, *runs)
+		var f []figure
+		if f, err = run(ctx); f != nil && ctx.Err() == nil {
+			results = append(results, f)
 		}
-		run, before, after, k := r.run, r.before, lt.snapshot(), float64(len(r.clients))
-		t.add(run, "connections established", "conns", k)
-		t.add(run, "connections failed", "conns", float64(cfg.n)-k)
-		t.add(run, "RSS per connection", "KiB", (after.rss-before.rss)/k/1024)
-		t.add(run, "Go heap in use per connection", "KiB", (after.heap-before.heap)/k/1024)
-		t.add(run, "Go stacks per connection", "KiB", (after.stack-before.stack)/k/1024)
-		t.add(run, "goroutines per connection", "", (after.goroutines-before.goroutines)/k)
-		t.add(run, "proxy RSS with connections", "MiB", after.rss/(1<<20))
-		t.add(run, "handshake p99 while connecting", "ms", percentile(r.handshakes, 0.99))
-		lt.pub.run(ctx, pace{count: int64(cfg.n)})
-		waitUntil(ctx, 10*time.Second, func() bool { return lt.delivered.Load()-after.delivered >= int64(len(r.clients)) })
+	}
+	return report(title, results), cmp.Or(err, ctx.Err())
+}
+
+// dialRun is one run of idle or connect: start a fresh -spawn proxy, connect
+// a client to every session, measure, close the clients and wait until the
+// proxy has let go of them.
+func (lt *loadTest) dialRun(ctx context.Context) ([]figure, error) {
+	if err := lt.startProxy(ctx); err != nil {
+		return nil, err
+	}
+	b, start := lt.snapshot(), time.Now()
+	clients, handshakes := lt.dialAll(ctx)
+	elapsed, k := time.Since(start), float64(len(clients))
+	f := []figure{{"connections established", "conns", k}, {"connections failed", "conns", float64(len(lt.ids)) - k}}
+	if *mode == "connect" {
+		f = append(f, figure{"connection rate", "conns/s", k / elapsed.Seconds()},
+			figure{"handshake p50", "ms", percentile(handshakes, 0.50)},
+			figure{"handshake p99", "ms", percentile(handshakes, 0.99)})
+		f = append(f, cpuFigures(b, lt.snapshot(), "µs/conn", k, k)...)
+	} else {
+		lt.startReaders(clients)
+		waitUntil(ctx, settle, func() bool { return false })
+		a := lt.snapshot()
+		perConn := func(metric string) float64 { return (a[metric] - b[metric]) / k }
+		f = append(f, figure{"RSS per connection", "KiB", perConn("process_resident_memory_bytes") / 1024},
+			figure{"Go heap in use per connection", "KiB", perConn("go_memstats_heap_inuse_bytes") / 1024},
+			figure{"Go stacks per connection", "KiB", perConn("go_memstats_stack_inuse_bytes") / 1024},
+			figure{"goroutines per connection", "", perConn("go_goroutines")})
+		lt.pipeline("PUBLISH", func(id string) []any {
+			return []any{downChannel(id), appendPayload(nil, time.Now().UnixNano(), 1)}
+		})
+		waitUntil(ctx, 10*time.Second, func() bool { return float64(lt.delivered.Load())-a["delivered"] >= k })
 		received := 0
-		for _, c := range r.clients {
+		for _, c := range clients {
 			if c.received.Load() > 0 {
 				received++
 			}
 		}
-		t.add(run, "connections that received their message", "conns", float64(received))
-		t.add(run, "connections closed by the proxy", "conns", float64(lt.dropped.Load()-before.dropped))
+		f = append(f, figure{"connections that received their message", "conns", float64(received)},
+			figure{"connections closed by the proxy", "conns", float64(lt.dropped.Load()) - b["dropped"]})
+	}
+	lt.closeAll()
+	waitUntil(ctx, 15*time.Second, func() bool {
+		time.Sleep(90 * time.Millisecond)
+		return !(scrape()["wsproxy_active_connections"] > b["wsproxy_active_connections"])
 	})
+	return f, nil
 }
 
-func (lt *loadTest) connect(ctx context.Context) error {
-	t := lt.newTable(fmt.Sprintf("connect: %d new connections, %d concurrent dialers", cfg.n, cfg.dialers))
-	return lt.dialRuns(ctx, func(r dialRun) {
-		run, before, after, k := r.run, r.before, lt.snapshot(), float64(len(r.clients))
-		t.add(run, "connections established", "conns", k)
-		t.add(run, "connections failed", "conns", float64(cfg.n)-k)
-		t.add(run, "connection rate", "conns/s", k/r.elapsed.Seconds())
-		t.add(run, "handshake p50", "ms", percentile(r.handshakes, 0.50))
-		t.add(run, "handshake p90", "ms", percentile(r.handshakes, 0.90))
-		t.add(run, "handshake p99", "ms", percentile(r.handshakes, 0.99))
-		t.add(run, "handshake max", "ms", percentile(r.handshakes, 1))
-		t.add(run, "proxy CPU", "µs/conn", (after.proxyCPU-before.proxyCPU)*1e6/k)
-		t.add(run, "Redis CPU (whole server)", "µs/conn", (after.redisCPU-before.redisCPU)*1e6/k)
-		t.add(run, "load generator CPU", "µs/conn", (after.ownCPU-before.ownCPU)*1e6/k)
-		t.add(run, "other processes on the machine", "cores", otherCores(before, after))
-	})
-}
-
-func (lt *loadTest) fanout(ctx context.Context) error {
-	rates := cfg.rateList
-	if err := lt.setup(ctx, cfg.sessions); err != nil {
-		return err
-	}
-	// Warm up (stacks grown, heaps sized, in the proxy and here) unmeasured.
-	lt.pub.run(ctx, pace{rate: rates[0], duration: min(cfg.duration, 2*time.Second)})
-	summary := &table{title: "fanout: medians per rate"}
-	for _, rate := range rates {
-		t := lt.newTable(fmt.Sprintf("fanout: %d sessions, %d-byte messages, %.0f msg/s for %s (CPU from %s)",
-			cfg.sessions, cfg.size, rate, cfg.duration, lt.source()))
-		for run := 0; run < cfg.runs && ctx.Err() == nil; run++ {
-			label := fmt.Sprintf("fanout %.0f msg/s run %d/%d", rate, run+1, cfg.runs)
-			lt.measure(ctx, t, run, pace{rate: rate, duration: cfg.duration}, label)
-		}
-		for _, name := range []string{"published rate", "lost", "latency p99"} {
-			summary.add(0, fmt.Sprintf("%s at %.0f msg/s", name, rate), t.row(name).unit, median(t.row(name).values))
-		}
-	}
-	if len(rates) > 1 {
-		lt.tables = append(lt.tables, summary)
-	}
-	return ctx.Err()
-}
-
-func (lt *loadTest) stream(ctx context.Context) error {
-	lt.readBuffer = 256 << 10
-	if err := lt.setup(ctx, 1); err != nil {
-		return err
-	}
-	pc, length := pace{rate: cfg.rateList[0], duration: cfg.duration}, cfg.duration.String()
-	if cfg.count > 0 {
-		pc, length = pace{rate: cfg.rateList[0], count: cfg.count}, fmt.Sprint(cfg.count, " msgs")
-	}
-	// In flight: published minus the newest sequence number received, so that
-	// a lost message does not shrink the window for good.
-	publisher, receiver := lt.pub[0], lt.clients[0]
-	pc.window = func() bool { return publisher.seq[0]-receiver.lastSeq.Load() < int64(cfg.window) }
-	t := lt.newTable(fmt.Sprintf("stream: one session, %d-byte messages, rate %s, for %s (CPU from %s)",
-		cfg.size, cfg.rates, length, lt.source()))
-	for run := 0; run < cfg.runs && ctx.Err() == nil; run++ {
-		if lt.dropped.Load() > 0 {
-			return errors.New("the stream's connection was closed by the proxy; remaining runs skipped")
-		}
-		lt.measure(ctx, t, run, pc, fmt.Sprintf("stream run %d/%d", run+1, cfg.runs))
-	}
-	return ctx.Err()
-}
-
-// ---- the plumbing of the modes
-
-// dialRun is one run of idle or connect.
-type dialRun struct {
-	run        int
-	before     snapshot // taken just before dialling
-	clients    []*client
-	handshakes []time.Duration // sorted
-	elapsed    time.Duration   // to establish them all
-}
-
-// dialRuns is idle and connect: it creates -n sessions, then -runs times
-// starts a fresh -spawn proxy, connects a client to every session, hands the
-// run to measure, closes the clients and waits until the proxy has let go of
-// them.
-func (lt *loadTest) dialRuns(ctx context.Context, measure func(dialRun)) error {
-	if err := lt.createSessions(cfg.n); err != nil {
-		return err
-	}
-	for run := 0; run < cfg.runs && ctx.Err() == nil; run++ {
-		if err := lt.startProxy(ctx); err != nil {
-			return err
-		}
-		r := dialRun{run: run, before: lt.snapshot()}
-		start := time.Now()
-		r.clients, r.handshakes = lt.dialAll(ctx, fmt.Sprintf("%s run %d/%d", cfg.mode, run+1, cfg.runs))
-		if r.elapsed = time.Since(start); ctx.Err() == nil {
-			measure(r)
-		}
-		lt.closeAll()
-		lt.waitProxyIdle(ctx, r.before.active)
-	}
-	return ctx.Err()
-}
-
-// setup is fanout and stream before their runs: n sessions, the proxy, the
-// bare subscriber and one client per session.
-func (lt *loadTest) setup(ctx context.Context, n int) error {
-	if err := lt.createSessions(n); err != nil {
-		return err
+// deliver is fanout and stream: one proxy, the bare subscriber, the
+// publishers and a client per session for all the runs, at each rate.
+func (lt *loadTest) deliver(ctx context.Context, rates []float64) error {
+	pc := pace{duration: *duration}
+	if *mode == "stream" {
+		rates = []float64{0}
+		lt.readBuffer = 256 << 10 // x/net/websocket alone reads 4 KiB per system call
 	}
 	if err := lt.startProxy(ctx); err != nil {
 		return err
+	} else if err := lt.startBareSub(ctx); err != nil {
+		return err
+	} else if err := lt.openPublishers(); err != nil {
+		return err
+	} else if clients, _ := lt.dialAll(ctx); len(clients) < len(lt.ids) {
+		return fmt.Errorf("only %d of %d connections established", len(clients), len(lt.ids))
 	}
-	if cfg.floor {
-		var err error
-		if lt.bare, err = startBareSub(ctx, lt.runID, n); err != nil {
+	lt.startReaders(lt.clients)
+	if *mode == "stream" {
+		// In flight: published minus the newest sequence number received, so
+		// that a lost message does not shrink the window for good.
+		p, c := lt.pubs[0], lt.clients[0]
+		pc.window = func() bool { return p.seq[0]-c.lastSeq.Load() < streamWindow }
+	} else {
+		// Warm up (stacks grown, heaps sized, in the proxy and here) unmeasured.
+		lt.publishAll(ctx, pace{rate: rates[0], duration: min(*duration, warmUp)})
+	}
+	var summary []figure
+	for _, rate := range rates {
+		pc.rate = rate
+		title := fmt.Sprintf("fanout: %d sessions, %d-byte messages, %.0f msg/s for %s", len(lt.ids), *size, pc.rate, *duration)
+		if *mode == "stream" {
+			title = fmt.Sprintf("stream: one session, %d-byte messages, as fast as possible for %s", *size, *duration)
+		}
+		medians, err := repeat(ctx, title, func(ctx context.Context) ([]figure, error) {
+			if *mode == "stream" && lt.dropped.Load() > 0 {
+				return nil, errors.New("the stream's connection was closed by the proxy; remaining runs skipped")
+			}
+			return lt.measure(ctx, pc), nil
+		})
+		if err != nil {
 			return err
 		}
+		for _, name := range []string{"published rate", "lost", "latency p99"} {
+			summary = append(summary, figure{fmt.Sprintf("%s at %.0f msg/s", name, pc.rate), medians[name].unit, medians[name].value})
+		}
 	}
-	clients, _ := lt.dialAll(ctx, "connecting")
-	if len(clients) < n {
-		return fmt.Errorf("only %d of %d connections established", len(clients), n)
+	if len(rates) > 1 {
+		report("fanout: medians per rate", [][]figure{summary})
 	}
-	lt.startReaders(clients)
-	return ctx.Err()
+	return nil
 }
 
 // measure is one run of fanout or stream: publish pc, wait until the clients
 // and the bare subscriber have received everything (or nothing moved for
-// 2 s), and add the figures to t.
-func (lt *loadTest) measure(ctx context.Context, t *table, run int, pc pace, label string) {
-	// Start from rest: everything published so far has arrived (or is lost).
-	waitUntil(ctx, 3*time.Second, func() bool {
-		sent := lt.pub.sent()
-		return lt.delivered.Load() >= sent && (lt.bare == nil || lt.bare.count() >= sent)
+// 2 s), and return the figures.
+func (lt *loadTest) measure(ctx context.Context, pc pace) []figure {
+	waitUntil(ctx, 3*time.Second, func() bool { // from rest: all published so far arrived or is lost
+		sent := lt.published.Load()
+		return lt.delivered.Load() >= sent && lt.bareReceived.Load() >= sent
 	})
-	for _, c := range lt.clients {
-		c.drainLatencies(nil)
-	}
-	b := lt.snapshot()
-	stop := progress(ctx, func() string {
-		return fmt.Sprintf("%s: published %d, delivered %d, bare subscriber %d",
-			label, lt.pub.sent()-b.sent, lt.delivered.Load()-b.delivered, lt.bare.count()-b.bare)
-	})
-	start := time.Now()
-	sent := lt.pub.run(ctx, pc)
+	lt.takeLatencies()
+	b, start := lt.snapshot(), time.Now()
+	sent := float64(lt.publishAll(ctx, pc))
 	published := time.Since(start)
-	last, lastMove := int64(-1), time.Now()
+	last, lastMove := -1.0, time.Now()
 	waitUntil(ctx, 30*time.Second, func() bool {
-		d, bare := lt.delivered.Load()-b.delivered, lt.bare.count()-b.bare
+		d, bare := float64(lt.delivered.Load())-b["delivered"], float64(lt.bareReceived.Load())-b["bare"]
 		if d+bare != last {
 			last, lastMove = d+bare, time.Now()
 		}
-		return d >= sent && (lt.bare == nil || bare >= sent) || time.Since(lastMove) > 2*time.Second
+		return d >= sent && bare >= sent || time.Since(lastMove) > 2*time.Second
 	})
-	stop()
-	a := lt.snapshot()
-	if ctx.Err() != nil {
-		return // an interrupted run is not a measurement
-	}
-	var latency []time.Duration
-	for _, c := range lt.clients {
-		latency = c.drainLatencies(latency)
-	}
+	a, latency := lt.snapshot(), lt.takeLatencies()
 	slices.Sort(latency)
-	delivered, bare := a.delivered-b.delivered, a.bare-b.bare
+	delivered := a["delivered"] - b["delivered"]
 	elapsed := time.Duration(lt.lastRecv.Load() - start.UnixNano()) // publish start to last delivery
 	if elapsed <= 0 {
 		elapsed = published
 	}
-	perMsg := func(seconds float64, n int64) float64 {
-		if n <= 0 {
-			return math.NaN()
-		}
-		return seconds * 1e6 / float64(n)
+	proxyMean, proxyP99 := proxyLatency(b, a)
+	f := []figure{{"published rate", "msg/s", sent / published.Seconds()}}
+	if *mode == "stream" {
+		f = []figure{{"throughput", "MB/s", delivered * float64(*size) / elapsed.Seconds() / 1e6},
+			{"messages", "msg/s", delivered / elapsed.Seconds()}}
 	}
-	proxyCPU, bareCPU, bareLost := perMsg(a.proxyCPU-b.proxyCPU, delivered), perMsg(a.bareCPU-b.bareCPU, bare), math.NaN()
-	if lt.bare != nil {
-		bareLost = float64(sent - bare)
-	}
-	proxyMean, proxyP99 := proxyLatency(b.metrics, a.metrics)
-	if cfg.mode == "stream" {
-		t.add(run, "throughput", "MB/s", float64(delivered)*float64(cfg.size)/elapsed.Seconds()/1e6)
-		t.add(run, "messages", "msg/s", float64(delivered)/elapsed.Seconds())
-	} else {
-		t.add(run, "published rate", "msg/s", float64(sent)/published.Seconds())
-	}
-	t.add(run, "delivered", "msgs", float64(delivered))
-	t.add(run, "lost", "msgs", float64(sent-delivered))
-	t.add(run, "out of order", "msgs", float64(a.disorder-b.disorder))
-	t.add(run, "connections dropped by proxy", "conns", float64(a.dropped-b.dropped))
-	t.add(run, "other frames (control errors)", "msgs", float64(a.other-b.other))
-	t.add(run, "latency p50", "ms", percentile(latency, 0.5))
-	t.add(run, "latency p99", "ms", percentile(latency, 0.99))
-	t.add(run, "latency p999", "ms", percentile(latency, 0.999))
-	t.add(run, "latency max", "ms", percentile(latency, 1))
-	t.add(run, "  of which in the proxy: mean", "ms", proxyMean)
-	t.add(run, "  of which in the proxy: p99 ≤", "ms", proxyP99)
-	t.add(run, "proxy CPU", "µs/msg", proxyCPU)
-	t.add(run, "bare redigo subscriber CPU", "µs/msg", bareCPU)
-	t.add(run, "proxy / bare subscriber", "×", proxyCPU/bareCPU)
-	t.add(run, "bare subscriber lost", "msgs", bareLost)
-	t.add(run, "Redis CPU (whole server)", "µs/msg", perMsg(a.redisCPU-b.redisCPU, sent))
-	t.add(run, "load generator CPU", "µs/msg", perMsg(a.ownCPU-b.ownCPU, sent))
-	t.add(run, "proxy RSS at end", "MiB", a.rss/(1<<20))
-	t.add(run, "other processes on the machine", "cores", otherCores(b, a))
+	f = append(f, figure{"delivered", "msgs", delivered},
+		figure{"lost", "msgs", sent - delivered},
+		figure{"out of order", "msgs", a["disorder"] - b["disorder"]},
+		figure{"connections closed by the proxy", "conns", a["dropped"] - b["dropped"]},
+		figure{"latency p50", "ms", percentile(latency, 0.5)},
+		figure{"latency p99", "ms", percentile(latency, 0.99)},
+		figure{"latency p999", "ms", percentile(latency, 0.999)},
+		figure{"latency max", "ms", percentile(latency, 1)},
+		figure{"  of which in the proxy: mean", "ms", proxyMean},
+		figure{"  of which in the proxy: p99 ≤", "ms", proxyP99},
+		figure{"bare subscriber lost", "msgs", sent - (a["bare"] - b["bare"])})
+	return append(f, cpuFigures(b, a, "µs/msg", delivered, sent)...)
 }
 
-// snapshot is everything a measurement takes the difference of.
-type snapshot struct {
-	at                                          time.Time
-	proxyCPU, bareCPU, redisCPU, ownCPU, allCPU float64 // seconds; NaN when unknown
-	rss, heap, stack, goroutines, active        float64 // the proxy's; NaN when unknown
-	metrics                                     map[string]float64
-	sent, bare                                  int64 // published; received by the bare subscriber
-	delivered, disorder, dropped, other         int64 // see loadTest
+// cpuFigures is the CPU rows between snapshots b and a: the proxy's per item
+// delivered, the bare subscriber's per message it received, Redis's and the
+// load generator's per item sent, and the rest of the machine in cores.
+func cpuFigures(b, a map[string]float64, unit string, delivered, sent float64) []figure {
+	d := func(key string) float64 { return a[key] - b[key] }
+	proxy, bare := d("process_cpu_seconds_total")*1e6/delivered, d("bare cpu")*1e6/d("bare")
+	other := d("machine cpu") - d("process_cpu_seconds_total") - d("bare cpu") - d("redis cpu") - d("own cpu")
+	f := []figure{{"proxy CPU", unit, proxy}}
+	if _, ok := a["bare cpu"]; ok {
+		f = append(f, figure{"bare redigo subscriber CPU", unit, bare}, figure{"proxy / bare subscriber", "×", proxy / bare})
+	}
+	return append(f, figure{"Redis CPU (whole server)", unit, d("redis cpu") * 1e6 / sent},
+		figure{"load generator CPU", unit, d("own cpu") * 1e6 / sent},
+		figure{"other processes on the machine", "cores", other / d("time")})
 }
 
-func (lt *loadTest) snapshot() snapshot {
-	m := scrape(cfg.metrics)
-	get := func(name string) float64 {
-		if v, ok := m[name]; ok {
-			return v
-		}
-		return math.NaN()
-	}
-	s := snapshot{metrics: m, proxyCPU: get("process_cpu_seconds_total"), rss: get("process_resident_memory_bytes"),
-		heap: get("go_memstats_heap_inuse_bytes"), stack: get("go_memstats_stack_inuse_bytes"),
-		goroutines: get("go_goroutines"), active: get("wsproxy_active_connections"), bareCPU: math.NaN()}
+// snapshot is what a measurement takes the difference of: the proxy's
+// /metrics (CPU and RSS from /proc when its PID is known), the CPU seconds of
+// the bare subscriber, Redis, this process and the machine, and the counters.
+func (lt *loadTest) snapshot() map[string]float64 {
+	s := scrape()
 	if lt.pid > 0 {
-		s.proxyCPU, s.rss = procStat(lt.pid)
+		s["process_cpu_seconds_total"], s["process_resident_memory_bytes"] = procStat(strconv.Itoa(lt.pid))
 	}
 	if lt.bare != nil {
-		s.bareCPU, _ = procStat(lt.bare.cmd.Process.Pid)
+		s["bare cpu"], _ = procStat(strconv.Itoa(lt.bare.Process.Pid))
 	}
-	s.redisCPU, s.ownCPU, s.allCPU = lt.redisCPU(), ownCPU(), machineCPU()
-	s.sent, s.bare, s.delivered = lt.pub.sent(), lt.bare.count(), lt.delivered.Load()
-	s.disorder, s.dropped, s.other, s.at = lt.disorder.Load(), lt.dropped.Load(), lt.other.Load(), time.Now()
+	s["own cpu"], _ = procStat("self")
+	s["redis cpu"], s["machine cpu"], s["time"] = lt.redisCPU(), machineCPU(), float64(time.Now().UnixNano())/1e9
+	s["bare"], s["delivered"] = float64(lt.bareReceived.Load()), float64(lt.delivered.Load())
+	s["disorder"], s["dropped"] = float64(lt.disorder.Load()), float64(lt.dropped.Load())
 	return s
 }
-
-// otherCores is what the rest of the machine used between a and b, in cores.
-func otherCores(a, b snapshot) float64 {
-	known := b.proxyCPU - a.proxyCPU + b.redisCPU - a.redisCPU + b.ownCPU - a.ownCPU
-	if !math.IsNaN(a.bareCPU) {
-		known += b.bareCPU - a.bareCPU
-	}
-	return (b.allCPU - a.allCPU - known) / b.at.Sub(a.at).Seconds()
-}
-
-// ---- clients
 
 // client is one WebSocket connection: the TCP connection x/net/websocket
 // reads and writes through (Read and Write below), and what its read loop
 // has seen.
 type client struct {
 	net.Conn
-	r          io.Reader // Conn, or a larger buffer over it
-	dropOrigin bool      // until the handshake request, one write, has gone
-	status     string    // the first line received: the handshake's status
-
-	ws       *websocket.Conn
-	received atomic.Int64
-	lastSeq  atomic.Int64 // written by the read loop only
-	closing  atomic.Bool
-	mu       sync.Mutex
-	latency  []time.Duration // recorded since the last drainLatencies
+	r                 io.Reader // Conn, or a larger buffer over it
+	dropOrigin        bool      // until the handshake request, one write, has gone
+	status            string    // the first line received: the handshake's status
+	ws                *websocket.Conn
+	received, lastSeq atomic.Int64
+	closing           atomic.Bool
 }
 
 func (c *client) Read(p []byte) (int, error) {
@@ -525,118 +413,82 @@ func (c *client) Read(p []byte) (int, error) {
 // Write drops the Origin line, which x/net/websocket always writes, from the
 // handshake request when no -origin is set.
 func (c *client) Write(p []byte) (int, error) {
-	if !c.dropOrigin {
-		return c.Conn.Write(p)
+	if i := bytes.Index(p, []byte("\r\nOrigin: ")); c.dropOrigin && i >= 0 {
+		c.dropOrigin = false
+		end := i + 2 + bytes.Index(p[i+2:], []byte("\r\n"))
+		_, err := c.Conn.Write(append(p[:i:i], p[end:]...))
+		return len(p), err
 	}
-	c.dropOrigin = false
-	request := p
-	if i := bytes.Index(p, []byte("\r\nOrigin: ")); i >= 0 {
-		end := bytes.Index(p[i+2:], []byte("\r\n"))
-		request = append(p[:i:i], p[i+2+end:]...)
-	}
-	if _, err := c.Conn.Write(request); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-// drainLatencies appends the latencies recorded so far to dst and forgets them.
-func (c *client) drainLatencies(dst []time.Duration) []time.Duration {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	dst = append(dst, c.latency...)
-	c.latency = c.latency[:0]
-	return dst
+	return c.Conn.Write(p)
 }
 
 // dialAll connects one client per session with -c concurrent dialers and
 // returns the established clients and their handshake times, sorted.
-func (lt *loadTest) dialAll(ctx context.Context, label string) ([]*client, []time.Duration) {
-	var clients []*client
-	var handshakes []time.Duration
+func (lt *loadTest) dialAll(ctx context.Context) (clients []*client, handshakes []time.Duration) {
 	var next atomic.Int64
 	var mu sync.Mutex
-	failures := map[string]int{}
-	stop := progress(ctx, func() string {
-		mu.Lock()
-		defer mu.Unlock()
-		return fmt.Sprintf("%s: connected %d/%d, failures %v", label, len(clients), len(lt.ids), failures)
-	})
 	var wg sync.WaitGroup
-	for range cfg.dialers {
+	failures := map[string]int{}
+	for range *dialers {
 		wg.Go(func() {
 			for i := int(next.Add(1)) - 1; i < len(lt.ids) && ctx.Err() == nil; i = int(next.Add(1)) - 1 {
 				start := time.Now()
-				c, err := lt.dial(ctx, lt.ids[i], i)
-				took := time.Since(start)
+				c, err := lt.dial(ctx, lt.ids[i])
 				mu.Lock()
 				if err != nil {
 					failures[err.Error()]++
 				} else {
-					clients, handshakes = append(clients, c), append(handshakes, took)
+					clients, handshakes = append(clients, c), append(handshakes, time.Since(start))
 				}
 				mu.Unlock()
 			}
 		})
 	}
 	wg.Wait()
-	stop()
 	if len(failures) > 0 {
-		fmt.Fprintf(os.Stderr, "%s: %d failed: %v\n", label, len(lt.ids)-len(clients), failures)
+		fmt.Fprintf(os.Stderr, "%d connections failed: %v\n", len(lt.ids)-len(clients), failures)
 	}
 	lt.clients = append(lt.clients, clients...)
 	slices.Sort(handshakes)
 	return clients, handshakes
 }
 
-// dial connects a client to session id and completes the handshake (within
-// 15 s); a refusal is reported by its HTTP status line.
-func (lt *loadTest) dial(ctx context.Context, id string, i int) (*client, error) {
-	origin := cfg.origin
-	if origin == "" {
-		origin = "http://unused.invalid" // x/net/websocket needs one; client.Write drops it
-	}
-	config, err := websocket.NewConfig(cfg.proxy+"/load/ws/"+id, origin)
+// dial connects a client to session id and completes the handshake within
+// 15 s; a refusal is reported by its HTTP status line.
+func (lt *loadTest) dial(ctx context.Context, id string) (*client, error) {
+	config, err := websocket.NewConfig(*proxyURL+"/load/ws/"+id, cmp.Or(*origin, "http://dropped.invalid"))
 	if err != nil {
 		return nil, err
 	}
 	config.Header = http.Header{"Authorization": {"Bearer " + lt.token}}
-	dialer := net.Dialer{Timeout: 15 * time.Second}
-	if cfg.srcIPs > 1 {
-		dialer.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i%cfg.srcIPs))}
-	}
-	conn, err := dialer.DialContext(ctx, "tcp", config.Location.Host)
+	conn, err := (&net.Dialer{Timeout: 15 * time.Second}).DialContext(ctx, "tcp", config.Location.Host)
 	if err != nil {
 		return nil, err
 	}
-	c := &client{Conn: conn, r: conn, dropOrigin: cfg.origin == ""}
+	c := &client{Conn: conn, r: conn, dropOrigin: *origin == ""}
 	if lt.readBuffer > 0 {
-		// x/net/websocket reads through a fixed 4 KiB buffer: one system
-		// call per four 1 KiB messages. A streaming client reads through a
-		// larger one.
 		c.r = bufio.NewReaderSize(conn, lt.readBuffer)
 	}
 	conn.SetDeadline(time.Now().Add(15 * time.Second))
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	c.ws, err = websocket.NewClient(config, c)
 	stop()
+	if errors.Is(err, websocket.ErrBadStatus) {
+		err = errors.New(c.status)
+	}
 	if err != nil {
 		conn.Close()
-		if errors.Is(err, websocket.ErrBadStatus) {
-			return nil, errors.New(c.status)
-		}
 		return nil, err
 	}
 	conn.SetDeadline(time.Time{})
 	return c, nil
 }
 
-// startReaders runs a read loop per client: it receives until the
-// connection ends; receiving is also what answers the proxy's pings
-// (x/net/websocket replies to them inside Receive).
+// startReaders runs a read loop per client until its connection ends;
+// receiving also answers the proxy's pings (inside websocket.Message.Receive).
 func (lt *loadTest) startReaders(clients []*client) {
 	for _, c := range clients {
-		lt.readers.Go(func() {
+		go func() {
 			var msg []byte
 			for {
 				if err := websocket.Message.Receive(c.ws, &msg); err != nil {
@@ -648,240 +500,172 @@ func (lt *loadTest) startReaders(clients []*client) {
 				now := time.Now().UnixNano()
 				stamp, seq, ok := parsePayload(msg)
 				if !ok {
-					if lt.other.Add(1) == 1 {
-						fmt.Fprintf(os.Stderr, "first unrecognized message: %.120q\n", msg)
-					}
+					lt.unrecognized.Do(func() { fmt.Fprintf(os.Stderr, "first unrecognized message: %.120q\n", msg) })
 					continue
 				}
-				c.mu.Lock()
-				c.latency = append(c.latency, time.Duration(now-stamp))
-				c.mu.Unlock()
-				if seq != c.lastSeq.Load()+1 {
+				lt.mu.Lock()
+				lt.latency = append(lt.latency, time.Duration(now-stamp))
+				lt.mu.Unlock()
+				if seq != c.lastSeq.Swap(seq)+1 {
 					lt.disorder.Add(1)
 				}
-				c.lastSeq.Store(seq)
 				c.received.Add(1)
 				lt.delivered.Add(1)
 				lt.lastRecv.Store(now)
 			}
-		})
+		}()
 	}
 }
 
-// closeAll closes every client and waits for their read loops.
+// takeLatencies returns the latencies recorded so far and forgets them.
+func (lt *loadTest) takeLatencies() []time.Duration {
+	lt.mu.Lock()
+	defer lt.mu.Unlock()
+	l := lt.latency
+	lt.latency = nil
+	return l
+}
+
+// closeAll closes every client.
 func (lt *loadTest) closeAll() {
 	for _, c := range lt.clients {
 		c.closing.Store(true)
 		c.ws.Close()
 	}
-	lt.readers.Wait()
 	lt.clients = nil
 }
 
-// waitProxyIdle waits until the proxy reports no more active connections
-// than before the run, so that the next run starts from the same state.
-func (lt *loadTest) waitProxyIdle(ctx context.Context, baseline float64) {
-	if math.IsNaN(baseline) {
-		sleepCtx(ctx, time.Second)
-		return
-	}
-	waitUntil(ctx, 15*time.Second, func() bool {
-		time.Sleep(90 * time.Millisecond)
-		return scrape(cfg.metrics)["wsproxy_active_connections"] <= baseline
-	})
-	sleepCtx(ctx, 500*time.Millisecond)
-}
-
-// ---- sessions and publishers
-
 func sessionID(runID string, i int) string { return fmt.Sprintf("%s-%d", runID, i) }
+func authKey(id string) string             { return "session:" + id + ":auth" }
 func downChannel(id string) string         { return "session:" + id + ":down" }
 
-// createSessions writes n auth keys, pipelined 1,000 at a time, and the
-// publishers for them.
-func (lt *loadTest) createSessions(n int) error {
-	ttl := int(cfg.timeout.Seconds()) + 600
-	for i := range n {
-		lt.ids = append(lt.ids, sessionID(lt.runID, i))
-	}
+// pipeline sends cmd with args(id) for every session over the control
+// connection, 1,000 at a time, and returns the sum of the integer replies.
+func (lt *loadTest) pipeline(cmd string, args func(id string) []any) (sum int64, err error) {
 	for batch := range slices.Chunk(lt.ids, 1000) {
 		for _, id := range batch {
-			lt.ctl.Send("SET", "session:"+id+":auth", lt.token, "EX", ttl)
+			lt.ctl.Send(cmd, args(id)...)
 		}
-		err := lt.ctl.Flush()
+		err = lt.ctl.Flush()
 		for range batch {
+			var reply any
 			if err == nil {
-				_, err = lt.ctl.Receive()
+				reply, err = lt.ctl.Receive()
 			}
+			n, _ := reply.(int64)
+			sum += n
 		}
 		if err != nil {
-			return fmt.Errorf("creating sessions: %w", err)
+			return sum, fmt.Errorf("%s: %w", cmd, err)
 		}
 	}
-	var err error
-	lt.pub, err = newPublishers(lt.ids)
-	return err
+	return sum, nil
 }
 
 // cleanup closes everything this run opened and deletes its session keys.
 func (lt *loadTest) cleanup() {
 	lt.closeAll()
-	lt.bare.stop()
-	lt.pub.close()
-	lt.stopProxy()
-	deleted := 0
-	for batch := range slices.Chunk(lt.ids, 500) {
-		var keys []any
-		for _, id := range batch {
-			keys = append(keys, "session:"+id+":auth")
-		}
-		n, err := redis.Int(lt.ctl.Do("DEL", keys...))
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "cleanup: %v (keys session:%s-*:auth remain)\n", err, lt.runID)
-			break
-		}
-		deleted += n
+	if lt.bare != nil {
+		lt.bare.Process.Kill()
+		lt.bare.Wait()
 	}
-	fmt.Fprintf(os.Stderr, "cleanup: deleted %d session keys of run %s\n", deleted, lt.runID)
+	for _, p := range lt.pubs {
+		p.conn.Close()
+	}
+	lt.stopProxy()
+	n, err := lt.pipeline("DEL", func(id string) []any { return []any{authKey(id)} })
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cleanup: %v (keys session:%s-*:auth remain)\n", err, lt.runID)
+	}
+	fmt.Fprintf(os.Stderr, "cleanup: deleted %d session keys of run %s\n", n, lt.runID)
 	lt.ctl.Close()
 }
 
-// pace says how a publishing run goes: rate msg/s in total (0 = as fast as
-// allowed) for duration and/or count messages; window, when set, holds
-// publishing back while it returns false.
+// pace is a publishing run: rate msg/s in total (0 = as fast as allowed) for
+// duration; window, when set, holds publishing back while it returns false.
 type pace struct {
 	rate     float64
 	duration time.Duration
-	count    int64
 	window   func() bool
 }
 
-// publishers are -publishers pipelined Redis connections; session i belongs
-// to connection i mod n, so each session's messages stay in order.
-type publishers []*publisher
-
+// publisher is one pipelined Redis connection and the sessions it owns. It
+// writes its PUBLISH commands itself, a batch per write, and discards the
+// replies.
 type publisher struct {
-	conn                  redis.Conn // Send and Flush by run, Receive by readReplies
-	out                   *batchConn // conn's network connection
-	channels              []string
-	seq                   []int64 // the last sequence number sent, per channel
-	next                  int
-	payload               []byte
-	share                 float64 // of all sessions
-	sent, replied, failed atomic.Int64
-	done                  chan struct{}
+	conn         net.Conn // dialled and authenticated by redigo
+	channels     []string
+	seq          []int64 // the last sequence number sent, per channel
+	next         int
+	buf, payload []byte
+	share        float64 // of all sessions
 }
 
-const maxInFlight = 50000 // unanswered PUBLISHes per connection before pausing
-
-func newPublishers(ids []string) (publishers, error) {
-	var pp publishers
-	n := min(cfg.publishers, len(ids))
-	for i := range n {
-		p := &publisher{done: make(chan struct{})}
-		conn, err := redis.DialURL(cfg.redis, redis.DialNetDial(func(network, addr string) (net.Conn, error) {
-			c, err := net.Dial(network, addr)
-			if err != nil {
-				return nil, err
-			}
-			p.out = &batchConn{Conn: c, w: bufio.NewWriterSize(c, 256<<10)}
-			return p.out, nil
+// openPublishers dials the publishers; publisher i owns sessions i, i+4, ….
+func (lt *loadTest) openPublishers() error {
+	for i := range min(publishers, len(lt.ids)) {
+		p := &publisher{}
+		_, err := redis.DialURL(*redisURL, redis.DialNetDial(func(network, addr string) (c net.Conn, err error) {
+			p.conn, err = net.Dial(network, addr)
+			return p.conn, err
 		}))
 		if err != nil {
-			pp.close()
-			return nil, fmt.Errorf("publisher: %w", err)
+			return fmt.Errorf("publisher: %w", err)
 		}
-		p.conn = conn
-		for j := i; j < len(ids); j += n {
-			p.channels = append(p.channels, downChannel(ids[j]))
+		lt.pubs = append(lt.pubs, p)
+		go io.Copy(io.Discard, p.conn) // the replies
+		for j := i; j < len(lt.ids); j += publishers {
+			p.channels = append(p.channels, downChannel(lt.ids[j]))
 		}
-		p.seq, p.share = make([]int64, len(p.channels)), float64(len(p.channels))/float64(len(ids))
-		pp = append(pp, p)
-		go p.readReplies()
+		p.seq, p.share = make([]int64, len(p.channels)), float64(len(p.channels))/float64(len(lt.ids))
 	}
-	return pp, nil
+	return nil
 }
 
-// run publishes pc over all connections and returns the number sent.
-func (pp publishers) run(ctx context.Context, pc pace) int64 {
+// publishAll runs pc on every publisher and returns the number sent.
+func (lt *loadTest) publishAll(ctx context.Context, pc pace) int64 {
 	var wg sync.WaitGroup
 	var total atomic.Int64
-	for _, p := range pp {
-		wg.Go(func() { total.Add(p.run(ctx, pc)) })
+	for _, p := range lt.pubs {
+		wg.Go(func() { total.Add(p.run(ctx, pc, &lt.published)) })
 	}
 	wg.Wait()
 	return total.Load()
 }
 
-func (pp publishers) sent() (n int64) {
-	for _, p := range pp {
-		n += p.sent.Load()
-	}
-	return n
-}
-
-// close waits (briefly) for outstanding replies, then closes the connections.
-func (pp publishers) close() {
-	for _, p := range pp {
-		waitUntil(context.Background(), 5*time.Second, func() bool { return p.replied.Load() >= p.sent.Load() })
-		if f := p.failed.Load(); f > 0 {
-			fmt.Fprintf(os.Stderr, "publisher: %d PUBLISH errors\n", f)
-		}
-		p.conn.Close()
-		<-p.done
-	}
-}
-
-// run publishes this connection's share of pc, in batches of at most 1,024
-// commands per write, on a 1 ms ticker when a rate is set (catching up when
-// a tick comes late, so that the rate holds on a busy machine).
-func (p *publisher) run(ctx context.Context, pc pace) int64 {
-	rate, limit := pc.rate*p.share, int64(math.Round(float64(pc.count)*p.share))
-	var tick <-chan time.Time
-	if rate > 0 {
-		ticker := time.NewTicker(time.Millisecond)
-		defer ticker.Stop()
-		tick = ticker.C
-	}
-	start := time.Now()
-	var sent int64
-	for ctx.Err() == nil {
-		elapsed := time.Since(start)
-		if pc.duration > 0 && elapsed >= pc.duration || limit > 0 && sent >= limit {
-			break
-		}
+// run publishes this connection's share of pc round robin over its channels,
+// on a 1 ms ticker when a rate is set (catching up when a tick comes late,
+// so that the rate holds on a busy machine), and counts them in published.
+func (p *publisher) run(ctx context.Context, pc pace, published *atomic.Int64) (sent int64) {
+	rate := pc.rate * p.share
+	ticker := time.NewTicker(time.Millisecond) // costs nothing while nobody waits on it
+	defer ticker.Stop()
+	for start := time.Now(); ctx.Err() == nil && time.Since(start) < pc.duration; {
 		batch := int64(256)
 		if rate > 0 {
-			batch = int64(rate*elapsed.Seconds()) - sent
+			batch = int64(rate*time.Since(start).Seconds()) - sent
 		}
-		if limit > 0 {
-			batch = min(batch, limit-sent)
-		}
-		if p.sent.Load()-p.replied.Load() > maxInFlight || pc.window != nil && !pc.window() {
+		if pc.window != nil && !pc.window() {
 			batch = 0
 		}
-		if batch = min(batch, 1024); batch > 0 {
-			p.out.batching = true
+		if batch = min(batch, maxBatch); batch > 0 {
+			p.buf = p.buf[:0]
 			for range batch {
 				p.next = (p.next + 1) % len(p.channels)
 				p.seq[p.next]++
 				p.payload = appendPayload(p.payload[:0], time.Now().UnixNano(), p.seq[p.next])
-				p.conn.Send("PUBLISH", p.channels[p.next], p.payload) // errors surface in Flush
+				p.buf = appendPublish(p.buf, p.channels[p.next], p.payload)
 			}
-			p.sent.Add(batch)
-			sent += batch
-			err := p.conn.Flush()
-			if err == nil {
-				err = p.out.flush()
-			}
-			if err != nil {
+			if _, err := p.conn.Write(p.buf); err != nil {
 				fmt.Fprintln(os.Stderr, "publisher:", err)
 				return sent
 			}
+			sent += batch
+			published.Add(batch)
 		}
-		if tick != nil {
+		if rate > 0 {
 			select {
-			case <-tick:
+			case <-ticker.C:
 			case <-ctx.Done():
 			}
 		} else if batch <= 0 {
@@ -891,48 +675,19 @@ func (p *publisher) run(ctx context.Context, pc pace) int64 {
 	return sent
 }
 
-// batchConn lets a batch of pipelined commands leave in one write: redigo
-// flushes its 4 KiB buffer into w whenever it fills, and flush sends it all.
-type batchConn struct {
-	net.Conn
-	w        *bufio.Writer
-	batching bool // set by the publisher around each batch
-}
-
-func (c *batchConn) Write(p []byte) (int, error) {
-	if c.batching {
-		return c.w.Write(p)
-	}
-	return c.Conn.Write(p)
-}
-
-func (c *batchConn) flush() error {
-	c.batching = false
-	return c.w.Flush()
-}
-
-// readReplies counts PUBLISH replies until the connection is closed.
-func (p *publisher) readReplies() {
-	defer close(p.done)
-	for {
-		if _, err := p.conn.Receive(); err != nil {
-			if _, isReply := err.(redis.Error); !isReply {
-				return
-			}
-			p.failed.Add(1)
-		}
-		p.replied.Add(1)
-	}
+// appendPublish appends PUBLISH channel payload in RESP, as redigo writes it.
+func appendPublish(b []byte, channel string, payload []byte) []byte {
+	b = strconv.AppendInt(append(b, "*3\r\n$7\r\nPUBLISH\r\n$"...), int64(len(channel)), 10)
+	b = append(append(append(b, "\r\n"...), channel...), "\r\n$"...)
+	b = strconv.AppendInt(b, int64(len(payload)), 10)
+	return append(append(append(b, "\r\n"...), payload...), "\r\n"...)
 }
 
 // appendPayload builds `"<unix nanos> <seq> xxx…"`, -size bytes of valid JSON.
 func appendPayload(b []byte, stamp, seq int64) []byte {
-	b = append(b, '"')
-	b = strconv.AppendInt(b, stamp, 10)
-	b = append(b, ' ')
-	b = strconv.AppendInt(b, seq, 10)
-	b = append(b, ' ')
-	for len(b) < cfg.size-1 {
+	b = strconv.AppendInt(append(b, '"'), stamp, 10)
+	b = append(strconv.AppendInt(append(b, ' '), seq, 10), ' ')
+	for len(b) < *size-1 {
 		b = append(b, 'x')
 	}
 	return append(b, '"')
@@ -940,135 +695,80 @@ func appendPayload(b []byte, stamp, seq int64) []byte {
 
 // parsePayload reads the stamp and sequence number back, without allocating.
 func parsePayload(m []byte) (stamp, seq int64, ok bool) {
-	if len(m) < 2 || m[0] != '"' {
-		return 0, 0, false
-	}
-	i := 1
-	number := func() (n int64, ok bool) {
-		start := i
-		for ; i < len(m) && m[i] >= '0' && m[i] <= '9'; i++ {
-			n = n*10 + int64(m[i]-'0')
+	rest, quoted := bytes.CutPrefix(m, []byte{'"'})
+	first, rest, _ := bytes.Cut(rest, []byte{' '})
+	second, _, spaced := bytes.Cut(rest, []byte{' '})
+	stamp, ok1 := atoi(first)
+	seq, ok2 := atoi(second)
+	return stamp, seq, quoted && spaced && ok1 && ok2
+}
+
+func atoi(digits []byte) (n int64, ok bool) {
+	for _, d := range digits {
+		if d < '0' || d > '9' {
+			return 0, false
 		}
-		ok = i > start && i < len(m) && m[i] == ' '
-		i++
-		return n, ok
+		n = n*10 + int64(d-'0')
 	}
-	stamp, ok1 := number()
-	seq, ok2 := number()
-	return stamp, seq, ok1 && ok2
+	return n, len(digits) > 0
 }
 
-// ---- the floor: a bare redigo subscriber in a child process
-
-type bareSub struct {
-	cmd      *exec.Cmd
-	stdin    io.WriteCloser
-	received atomic.Int64
-}
-
-// startBareSub runs `loadtest -mode baresub` on the same down channels and
-// waits until it has confirmed every subscription. The child prints
-// "ready", then its running message count every 50 ms until stdin closes.
-func startBareSub(ctx context.Context, runID string, sessions int) (*bareSub, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	b := &bareSub{cmd: exec.Command(exe, "-mode", "baresub", "-redis", cfg.redis, "-run", runID,
-		"-sessions", strconv.Itoa(sessions), "-proxy", cfg.proxy)}
-	b.cmd.Stderr = os.Stderr
-	stdout, err := b.cmd.StdoutPipe()
+// startBareSub runs the floor, this program with -mode baresub on the same
+// down channels, and waits (30 s at most) until it has confirmed every
+// subscription, which its first line of output says.
+func (lt *loadTest) startBareSub(ctx context.Context) error {
+	lt.bare = exec.CommandContext(ctx, os.Args[0], "-mode", "baresub", "-redis", *redisURL, "-run", lt.runID,
+		"-sessions", strconv.Itoa(len(lt.ids)))
+	lt.bare.Stderr = os.Stderr
+	stdout, err := lt.bare.StdoutPipe()
 	if err == nil {
-		b.stdin, err = b.cmd.StdinPipe()
-	}
-	if err == nil {
-		err = b.cmd.Start()
+		err = lt.bare.Start()
 	}
 	if err != nil {
-		return nil, fmt.Errorf("bare subscriber: %w", err)
+		lt.bare = nil
+		return fmt.Errorf("bare subscriber: %w", err)
 	}
-	// Until "ready", a timeout or ctx kills it, which ends the scan.
-	kill := time.AfterFunc(30*time.Second, func() { b.cmd.Process.Kill() })
-	stopKill := context.AfterFunc(ctx, func() { b.cmd.Process.Kill() })
 	lines := bufio.NewScanner(stdout)
-	ready := lines.Scan() && lines.Text() == "ready"
+	kill := time.AfterFunc(30*time.Second, func() { lt.bare.Process.Kill() })
+	subscribed := lines.Scan()
 	kill.Stop()
-	stopKill()
-	if !ready {
-		b.stop()
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		return nil, fmt.Errorf("bare subscriber: %q instead of \"ready\" (it is killed after 30 s)", lines.Text())
+	if !subscribed {
+		return cmp.Or(ctx.Err(), errors.New("bare subscriber: not subscribed (it is killed after 30 s)"))
 	}
 	go func() {
-		for lines.Scan() {
-			if n, err := strconv.ParseInt(lines.Text(), 10, 64); err == nil {
-				b.received.Store(n)
-			}
+		for ok := true; ok; ok = lines.Scan() {
+			n, _ := strconv.ParseInt(lines.Text(), 10, 64)
+			lt.bareReceived.Store(n)
 		}
 	}()
-	return b, nil
+	return nil
 }
 
-func (b *bareSub) count() int64 {
-	if b == nil {
-		return 0
-	}
-	return b.received.Load()
-}
-
-// stop closes the child's stdin, which ends it; it is killed after 3 s.
-func (b *bareSub) stop() {
-	if b == nil {
-		return
-	}
-	b.stdin.Close()
-	kill := time.AfterFunc(3*time.Second, func() { b.cmd.Process.Kill() })
-	b.cmd.Wait()
-	kill.Stop()
-}
-
-// runBareSub is the child (-mode baresub).
+// runBareSub is the child: it subscribes, then prints the number of
+// messages received every 50 ms until it is killed.
 func runBareSub() int {
-	conn, err := redis.DialURL(cfg.redis)
+	conn, err := redis.DialURL(*redisURL)
 	if err != nil {
-		fmt.Println(err)
+		fmt.Fprintln(os.Stderr, "baresub:", err)
 		return 1
 	}
 	psc := redis.PubSubConn{Conn: conn}
-	for start := 0; start < cfg.sessions; start += 1000 {
-		var channels []any
-		for i := start; i < min(start+1000, cfg.sessions); i++ {
-			channels = append(channels, downChannel(sessionID(cfg.runID, i)))
-		}
-		if err := psc.Subscribe(channels...); err != nil {
-			fmt.Println(err)
-			return 1
-		}
+	channels := make([]any, *sessions)
+	for i := range channels {
+		channels[i] = downChannel(sessionID(*runID, i))
 	}
-	for confirmed := 0; confirmed < cfg.sessions; {
+	psc.Subscribe(channels...) // an error surfaces in Receive
+	var received atomic.Int64
+	for confirmed := 0; ; {
 		switch v := psc.Receive().(type) {
 		case redis.Subscription:
-			confirmed++
-		case error:
-			fmt.Println(v)
-			return 1
-		}
-	}
-	fmt.Println("ready")
-	go func() {
-		io.Copy(io.Discard, os.Stdin)
-		os.Exit(0)
-	}()
-	var received atomic.Int64
-	go func() {
-		for range time.Tick(50 * time.Millisecond) {
-			fmt.Println(received.Load())
-		}
-	}()
-	for {
-		switch v := psc.Receive().(type) {
+			if confirmed++; confirmed == len(channels) {
+				go func() {
+					for range time.Tick(50 * time.Millisecond) {
+						fmt.Println(received.Load())
+					}
+				}()
+			}
 		case redis.Message:
 			received.Add(1)
 		case error:
@@ -1078,91 +778,61 @@ func runBareSub() int {
 	}
 }
 
-// ---- the proxy and what everything costs
-
 // startProxy (re)starts the -spawn proxy and waits until it is ready.
 func (lt *loadTest) startProxy(ctx context.Context) error {
-	if cfg.spawn == "" {
+	if *spawn == "" {
 		return nil
 	}
 	lt.stopProxy()
-	u, _ := url.Parse(cfg.proxy)
-	cmd := exec.Command(cfg.spawn)
-	cmd.Env = append([]string{"LOG_LEVEL=warn"}, os.Environ()...)
-	cmd.Env = append(cmd.Env, "HOST=127.0.0.1", "PORT="+u.Port(), "REDIS_URL="+cfg.redis)
+	ready := strings.TrimSuffix(metricsURL, "metrics") + "ready"
+	if answers(ready) { // do not measure whoever has the port
+		return fmt.Errorf("-spawn: something already answers %s", ready)
+	}
+	u, _ := url.Parse(*proxyURL)
+	cmd := exec.Command(*spawn)
+	cmd.Env = append(append([]string{"LOG_LEVEL=warn"}, os.Environ()...), "HOST=127.0.0.1", "PORT="+u.Port(), "REDIS_URL="+*redisURL)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("-spawn: %w", err)
 	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }() // stopProxy waits for it
-	lt.proxy, lt.proxyExited, lt.pid = cmd, exited, cmd.Process.Pid
-	ready := strings.TrimSuffix(cfg.metrics, "/metrics") + "/ready"
-	waitUntil(ctx, 10*time.Second, func() bool {
-		select {
-		case <-exited: // e.g. the port is taken: do not measure whoever has it
-			return true
-		default:
-		}
-		resp, err := metricsClient.Get(ready)
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == http.StatusOK
-	})
-	select {
-	case <-exited:
-		return fmt.Errorf("-spawn: %s exited: %v", cfg.spawn, cmd.ProcessState)
-	default:
-		return ctx.Err()
+	lt.pid, lt.stopProxy = cmd.Process.Pid, func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		kill := time.AfterFunc(10*time.Second, func() { cmd.Process.Kill() })
+		cmd.Wait()
+		kill.Stop()
 	}
+	waitUntil(ctx, 10*time.Second, func() bool { return answers(ready) })
+	if !answers(ready) {
+		return cmp.Or(ctx.Err(), fmt.Errorf("-spawn: %s not ready after 10 s", *spawn))
+	}
+	return nil
 }
 
-// stopProxy ends the -spawn proxy with SIGTERM (SIGKILL after 10 s).
-func (lt *loadTest) stopProxy() {
-	if lt.proxy == nil {
-		return
+// answers says whether url answers 200 OK.
+func answers(url string) bool {
+	resp, err := metricsClient.Get(url)
+	if err != nil {
+		return false
 	}
-	lt.proxy.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-lt.proxyExited:
-	case <-time.After(10 * time.Second):
-		lt.proxy.Process.Kill()
-		<-lt.proxyExited
-	}
-	lt.proxy = nil
-}
-
-// source says where the proxy's CPU and RSS come from.
-func (lt *loadTest) source() string {
-	switch {
-	case cfg.spawn != "":
-		return "/proc of the -spawn proxy"
-	case lt.pid > 0:
-		return fmt.Sprintf("/proc/%d", lt.pid)
-	}
-	return cfg.metrics
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
 }
 
 var metricsClient = &http.Client{Timeout: 5 * time.Second}
 
-// scrape reads Prometheus text format into series (name with labels) ->
-// value; nil if the proxy does not answer.
-func scrape(url string) map[string]float64 {
-	resp, err := metricsClient.Get(url)
+// scrape reads the proxy's /metrics into series (name with labels) -> value;
+// empty if the proxy does not answer.
+func scrape() map[string]float64 {
+	m := map[string]float64{}
+	resp, err := metricsClient.Get(metricsURL)
 	if err != nil {
-		return nil
+		return m
 	}
 	defer resp.Body.Close()
-	m := map[string]float64{}
 	for lines := bufio.NewScanner(resp.Body); lines.Scan(); {
-		line := lines.Text()
-		i := strings.LastIndexByte(line, ' ') // the proxy writes no timestamps
-		if line == "" || line[0] == '#' || i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			m[line[:i]] = v
+		series, value, _ := strings.Cut(lines.Text(), " ") // no spaces in labels, no timestamps
+		if v, err := strconv.ParseFloat(value, 64); err == nil && !strings.HasPrefix(series, "#") {
+			m[series] = v
 		}
 	}
 	return m
@@ -1174,7 +844,7 @@ func scrape(url string) map[string]float64 {
 func proxyLatency(before, after map[string]float64) (mean, p99 float64) {
 	const name = "wsproxy_delivery_latency_seconds"
 	count := after[name+"_count"] - before[name+"_count"]
-	if after == nil || count <= 0 {
+	if count <= 0 {
 		return math.NaN(), math.NaN()
 	}
 	p99 = math.Inf(1)
@@ -1190,13 +860,10 @@ func proxyLatency(before, after map[string]float64) (mean, p99 float64) {
 
 // procStat is a process's user+system CPU seconds and its RSS in bytes,
 // from /proc/PID/stat (fields 14, 15 and 24; clock ticks of 1/100 s).
-func procStat(pid int) (cpu, rss float64) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return math.NaN(), math.NaN()
-	}
+func procStat(pid string) (cpu, rss float64) {
+	b, err := os.ReadFile("/proc/" + pid + "/stat")
 	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:])) // the name may hold spaces
-	if len(f) < 22 {
+	if err != nil || len(f) < 22 {
 		return math.NaN(), math.NaN()
 	}
 	user, _ := strconv.ParseFloat(f[11], 64)
@@ -1207,13 +874,9 @@ func procStat(pid int) (cpu, rss float64) {
 
 // machineCPU is the CPU seconds all processes have used (/proc/stat, all
 // but idle and iowait).
-func machineCPU() float64 {
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return math.NaN()
-	}
+func machineCPU() (busy float64) {
+	b, _ := os.ReadFile("/proc/stat")
 	line, _, _ := strings.Cut(string(b), "\n")
-	busy := 0.0
 	for i, field := range strings.Fields(line)[1:] {
 		if v, err := strconv.ParseFloat(field, 64); err == nil && i != 3 && i != 4 {
 			busy += v
@@ -1222,98 +885,55 @@ func machineCPU() float64 {
 	return busy / 100
 }
 
-func ownCPU() float64 {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
-}
-
 // redisCPU is the Redis server's used_cpu_sys + used_cpu_user (INFO cpu).
-func (lt *loadTest) redisCPU() float64 {
-	info, err := redis.String(lt.ctl.Do("INFO", "cpu"))
-	if err != nil {
-		return math.NaN()
-	}
-	total := 0.0
-	for _, line := range strings.Split(info, "\r\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok && (k == "used_cpu_sys" || k == "used_cpu_user") {
-			f, _ := strconv.ParseFloat(v, 64)
+func (lt *loadTest) redisCPU() (total float64) {
+	info, _ := redis.String(lt.ctl.Do("INFO", "cpu"))
+	for _, line := range strings.Fields(info) {
+		k, v, _ := strings.Cut(line, ":")
+		if f, err := strconv.ParseFloat(v, 64); err == nil && (k == "used_cpu_sys" || k == "used_cpu_user") {
 			total += f
 		}
 	}
 	return total
 }
 
-// ---- the tables
-
-// table is one measurement: a row per figure, a value per run.
-type table struct {
-	title string
-	rows  []*row
-}
-
-type row struct {
+// figure is one row of one run's results.
+type figure struct {
 	name, unit string
-	values     []float64 // NaN = not measured
+	value      float64
 }
 
-func (lt *loadTest) newTable(title string) *table {
-	t := &table{title: title}
-	lt.tables = append(lt.tables, t)
-	return t
-}
-
-func (t *table) row(name string) *row {
-	for _, r := range t.rows {
-		if r.name == name {
-			return r
-		}
+// report prints the runs (each the same figures) as a table, a row per
+// figure and a column per run and the median, and returns the medians.
+func report(title string, runs [][]figure) map[string]figure {
+	medians := map[string]figure{}
+	if len(runs) == 0 {
+		return medians
 	}
-	return &row{}
-}
-
-func (t *table) add(run int, name, unit string, v float64) {
-	r := t.row(name)
-	if r.name == "" {
-		r = &row{name: name, unit: unit}
-		t.rows = append(t.rows, r)
+	columns := len(runs)
+	if columns == 1 {
+		columns = 0 // the median says it all
 	}
-	for len(r.values) <= run {
-		r.values = append(r.values, math.NaN())
-	}
-	r.values[run] = v
-}
-
-// print writes the table with a column per run (unless there is one) and the median.
-func (t *table) print(w io.Writer) {
-	runs := 0
-	for _, r := range t.rows {
-		runs = max(runs, len(r.values))
-	}
-	if runs == 0 {
-		return // interrupted before its first run
-	} else if runs == 1 {
-		runs = 0 // the median column says it all
-	}
-	fmt.Fprintf(w, "\n%s\n", t.title)
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Printf("\n%s\n", title)
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprint(tw, "figure\tunit\t")
-	for i := range runs {
+	for i := range columns {
 		fmt.Fprintf(tw, "run %d\t", i+1)
 	}
 	fmt.Fprintln(tw, "median\t")
-	for _, r := range t.rows {
-		fmt.Fprintf(tw, "%s\t%s\t", r.name, r.unit)
-		for i := range runs {
-			v := math.NaN()
-			if i < len(r.values) {
-				v = r.values[i]
+	for i, f := range runs[0] {
+		fmt.Fprintf(tw, "%s\t%s\t", f.name, f.unit)
+		var values []float64
+		for j, run := range runs {
+			if values = append(values, run[i].value); j < columns {
+				fmt.Fprintf(tw, "%s\t", formatValue(run[i].value))
 			}
-			fmt.Fprintf(tw, "%s\t", formatValue(v))
 		}
-		fmt.Fprintf(tw, "%s\t\n", formatValue(median(r.values)))
+		medians[f.name] = figure{f.name, f.unit, median(values)}
+		fmt.Fprintf(tw, "%s\t\n", formatValue(medians[f.name].value))
 	}
 	tw.Flush()
+	return medians
 }
 
 func median(values []float64) float64 {
@@ -1335,7 +955,7 @@ func percentile(sorted []time.Duration, q float64) float64 {
 
 func formatValue(v float64) string {
 	switch a := math.Abs(v); {
-	case math.IsNaN(v):
+	case math.IsNaN(v) || math.IsInf(v, 0):
 		return "n/a"
 	case a >= 100 || v == math.Trunc(v):
 		return strconv.FormatFloat(v, 'f', 0, 64)
@@ -1345,49 +965,10 @@ func formatValue(v float64) string {
 	return strconv.FormatFloat(v, 'f', 2, 64)
 }
 
-// ---- small helpers
-
-// progress prints status to stderr every second until stop is called.
-func progress(ctx context.Context, status func() string) (stop func()) {
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		ticker := time.NewTicker(time.Second)
-		defer ticker.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-ticker.C:
-				fmt.Fprintln(os.Stderr, status())
-			}
-		}
-	}()
-	return func() { cancel(); <-done }
-}
-
 // waitUntil polls cond every 10 ms until it holds, limit passes or ctx ends.
 func waitUntil(ctx context.Context, limit time.Duration, cond func() bool) {
 	for deadline := time.Now().Add(limit); !cond() && ctx.Err() == nil && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) {
-	select {
-	case <-time.After(d):
-	case <-ctx.Done():
-	}
-}
-
-// raiseFileLimit lifts RLIMIT_NOFILE's soft limit to the hard one: every
-// client connection is a file descriptor.
-func raiseFileLimit() {
-	var r syscall.Rlimit
-	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r) == nil && r.Cur < r.Max {
-		r.Cur = r.Max
-		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &r)
 	}
 }
 
@@ -1398,12 +979,6 @@ func isLoopback(rawURL string) bool {
 	}
 	ip := net.ParseIP(u.Hostname())
 	return u.Hostname() == "localhost" || ip != nil && ip.IsLoopback()
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 func fatalf(format string, args ...any) {
