@@ -9,11 +9,12 @@ package main
 // that Redis instead, and tests that kill Redis start a redis-server of
 // their own (README: Testing).
 //
-// Helpers come first, then the tests in the order of the README: Quick
-// start, Configuration, Protocol (Endpoints, Handshake, Authentication,
-// Messages, Liveness, Close codes), Operations (Logs and Metrics, Limits
-// and abuse, Redis outages, Shutdown, Several instances, Container), then
-// the examples, the benchmarks, and the fake Redis with its own tests.
+// Helpers come first, then the tests in the order of the README's
+// sections: Quick start; Configuration; Protocol: Endpoints, Handshake
+// (with the refusals a browser can read), Authentication, Messages,
+// Liveness, Close codes; Operations: Logs, Metrics, Limits and abuse, Redis
+// outages and shutdown, Several instances, Container; then the examples,
+// the benchmarks, and the fake Redis with its own tests.
 
 import (
 	"bufio"
@@ -301,7 +302,9 @@ func startProcess(t testing.TB, name, dir string, env []string, out *output, pat
 // kill ends the process group with SIGKILL, as a crash would, and waits.
 func (p *process) kill(t testing.TB) {
 	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-	if p.waitExit(processWait); !p.hasExited() {
+	select {
+	case <-p.exited:
+	case <-time.After(processWait):
 		t.Errorf("%s (pid %d) still runs after SIGKILL", p.name, p.cmd.Process.Pid)
 	}
 }
@@ -824,8 +827,8 @@ func tryDial(d *net.Dialer, addr, path string, header http.Header) (*wsClient, h
 	}
 	nc.SetReadDeadline(time.Now().Add(15 * time.Second))
 	br := bufio.NewReader(nc)
-	resp, err := (*http.Response)(nil), req.Write(nc)
-	if err == nil {
+	var resp *http.Response
+	if err = req.Write(nc); err == nil {
 		resp, err = http.ReadResponse(br, req)
 	}
 	if err != nil {
@@ -1407,7 +1410,8 @@ func TestAbortedHandshakeIsNotARedisFailure(t *testing.T) {
 	}
 }
 
-// How a refusal is answered: for a request with an Origin header, a
+// Refusals a browser can read (README: Handshake, How a refusal is
+// answered): for a request with an Origin header, a
 // completed handshake closed at once with 4000 + status, the code as the
 // reason, the TCP connection closed after the client's answer; an invalid
 // upgrade is still HTTP 400. Counted and logged as HTTP refusals are, and
@@ -1915,7 +1919,7 @@ func TestFirstPingOneIntervalAfterOpen(t *testing.T) {
 // queue by TestCloseGoesOutAfterQueuedFrames.
 
 // ---------------------------------------------------------------------------
-// README: Operations, Logs and Metrics
+// README: Operations (Logs, Metrics)
 
 // One JSON record per event: open, close (with conn, reason, duration and
 // the counts) and refusals carry the session and agent ids; start-up
@@ -1980,7 +1984,7 @@ func TestMetricsExposeEverySeries(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------
-// README: Operations, Limits and abuse
+// README: Limits and abuse
 
 // A frame header that claims MAX_MESSAGE_SIZE_BYTES costs what arrived,
 // not what it claims: 200 such connections, whole or after a first fragment.
@@ -2271,10 +2275,10 @@ func TestCloseGoesOutAfterQueuedFrames(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------
-// README: Operations, Redis outages
+// README: Redis outages and shutdown (Redis outages)
 
 // redisSilence is how long the subscriber may hear nothing before it is
-// declared dead (README: Redis outages).
+// declared dead (README: Redis outages and shutdown).
 const redisSilence = 5 * time.Second
 
 // With no client, the subscriber is PINGed and stays up. A subscriber
@@ -2502,7 +2506,7 @@ func TestRealRedisRestartKeepsConnectionsOpen(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------
-// README: Operations, Shutdown (the binary, signalled)
+// README: Redis outages and shutdown (Shutdown), the binary signalled
 
 // After SIGTERM the proxy answers /ready 503 at once, logs its progress,
 // refuses new connections but serves the open ones, and exits with status 0
@@ -2611,7 +2615,7 @@ func TestShutdownSecondSignalClosesAtOnce(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------
-// README: Operations, Several instances behind a load balancer
+// README: Several instances behind a load balancer
 
 // Two processes on one Redis: both connections of a session receive every
 // message; when one instance stops, its client is closed with 1001 and
@@ -2650,7 +2654,7 @@ func TestTwoInstancesShareOneRedis(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------
-// README: Operations, Container
+// README: Container
 
 // The CGO_ENABLED=0 binary is static and runs alone in an empty root: no
 // /etc, no CA bundle, no libc.
@@ -2723,13 +2727,9 @@ func TestBrowserClient(t *testing.T) {
 	page.waitFor("the connection to open", `document.getElementById("status").dataset.state === "open"`)
 
 	down := `{"type":"data","payload":"hello from Redis"}`
-	if receivers := r.publish(t, sessionID, down); receivers != 1 {
-		t.Fatalf("PUBLISH reached %d subscribers, want 1 (the proxy)", receivers)
-	}
+	check(t, "receivers", r.publish(t, sessionID, down), 1) // the proxy
 	page.waitFor("the published message in #log", `[...document.querySelectorAll("#log .msg .body")].some(e => e.textContent === `+jsString(down)+`)`)
-	if got := page.eval(`document.getElementById("stream").textContent`); got != "hello from Redis" {
-		t.Errorf("#stream = %q, want the payload %q", got, "hello from Redis")
-	}
+	check(t, "#stream", page.eval(`document.getElementById("stream").textContent`), "hello from Redis")
 	outgoing := `{"type":"chat","text":"hi from the browser"}`
 	page.send(outgoing)
 	expectMessage(t, up, outgoing)
@@ -2737,17 +2737,13 @@ func TestBrowserClient(t *testing.T) {
 	page.waitFor("the invalid_json control error", `[...document.querySelectorAll("#log .control-error .body")].some(e => e.textContent.startsWith("invalid_json"))`)
 
 	proxy.signal(t, syscall.SIGTERM)
-	if err := proxy.waitExit(processWait); err != nil {
-		t.Fatalf("proxy did not stop cleanly on SIGTERM: %v", err)
-	}
+	check(t, "the proxy's exit on SIGTERM", proxy.waitExit(processWait), nil)
 	page.waitFor("close code 1001", `document.getElementById("close-code").dataset.code === "1001"`)
 	page.waitFor("the page to schedule a reconnection", `document.getElementById("status").dataset.state === "reconnecting"`)
 	examplesProxy(t, r, port, "SHUTDOWN_GRACE_PERIOD_SECS=0.2")
 	page.waitFor("the page to reconnect", `document.getElementById("status").dataset.state === "open"`)
 	again := `{"type":"data","payload":" and hello again"}`
-	if receivers := r.publish(t, sessionID, again); receivers != 1 {
-		t.Fatalf("after the reconnection PUBLISH reached %d subscribers, want 1", receivers)
-	}
+	check(t, "receivers after the reconnection", r.publish(t, sessionID, again), 1)
 	page.waitFor("the message published after the reconnection", `[...document.querySelectorAll("#log .msg .body")].some(e => e.textContent === `+jsString(again)+`)`)
 }
 
@@ -2781,25 +2777,20 @@ func TestBrowserClientRefusals(t *testing.T) {
 	} {
 		connect(tc.session, tc.token)
 		page.waitFor(tc.name+" refused", `document.getElementById("status").dataset.state === "refused"`)
-		if got := page.eval(`document.getElementById("close-code").dataset.code + " " + document.getElementById("close-code").dataset.reason`); got != tc.close {
-			t.Errorf("%s: #close-code data = %q, want %q", tc.name, got, tc.close)
-		}
+		check(t, tc.name+": #close-code", page.eval(`document.getElementById("close-code").dataset.code + " " + document.getElementById("close-code").dataset.reason`), tc.close)
 		if _, retrying, text := status(); text != tc.words || retrying != "false" {
 			t.Errorf("%s: #status %q, data-retrying=%s; want %q, not retrying", tc.name, text, retrying, tc.words)
 		}
 		page.waitFor(tc.name+" in #log", `[...document.querySelectorAll("#log .close .body")].some(e => e.textContent === `+jsString(tc.words)+`)`)
-		series := `wsproxy_connections_total{result="` + tc.result + `"}`
 		holdsFor(t, 2*time.Second, func() { // the backoff would have retried within 0.6 s
-			if n := proxy.metric(t, series); n != 1 {
-				t.Fatalf("%s: %s = %v, want 1: the page retried a refusal for good; page: %s", tc.name, series, n, page.state())
+			if n := proxy.metric(t, handshakes(tc.result)); n != 1 {
+				t.Fatalf("%s: %s handshakes %v, want 1: the page retried a refusal for good; page: %s", tc.name, tc.result, n, page.state())
 			}
 		})
 		if state, retrying, _ := status(); state != "refused" || retrying != "false" {
 			t.Fatalf("%s: after 2 s the page is %s (retrying %s), want still refused; page: %s", tc.name, state, retrying, page.state())
 		}
-		if n := strings.Count(proxy.logs.String(), `"msg":"handshake refused"`); n != i+1 {
-			t.Errorf("%s: the proxy logged %d refusals in all, want %d", tc.name, n, i+1)
-		}
+		check(t, tc.name+": refusals logged in all", strings.Count(proxy.logs.String(), `"msg":"handshake refused"`), i+1)
 	}
 
 	holder := proxy.connect(t, sessionID, token) // the one connection MAX_CONNECTIONS allows
@@ -2808,16 +2799,14 @@ func TestBrowserClientRefusals(t *testing.T) {
 	page.send(kept) // which connects
 	page.waitFor("the page backing off after 4503",
 		`document.getElementById("close-code").dataset.code === "4503" && document.getElementById("status").dataset.state === "reconnecting"`)
-	if got := page.eval(`document.getElementById("close-code").dataset.reason`); got != "too_many_connections" {
-		t.Errorf("#close-code data-reason = %v, want too_many_connections", got)
-	}
+	check(t, "#close-code data-reason", page.eval(`document.getElementById("close-code").dataset.reason`), "too_many_connections")
 	if _, retrying, text := status(); retrying != "true" || !strings.Contains(text, "too_many_connections (4503)") {
 		t.Errorf("#status %q, data-retrying=%s; want the reason and retrying", text, retrying)
 	}
 	// Retries, further and further apart: attempt 2 comes 0.4-0.6 s after
 	// the first refusal, attempt 3 0.8-1.2 s after the second.
 	page.waitFor("a third attempt scheduled", `document.getElementById("status").textContent.includes("attempt 3")`)
-	if n := proxy.metric(t, `wsproxy_connections_total{result="rejected"}`); n < 2 {
+	if n := proxy.metric(t, handshakes("rejected")); n < 2 {
 		t.Errorf("the proxy refused %v handshakes as too_many_connections, want the first and a retry", n)
 	}
 	expectNothing(t, up, 100*time.Millisecond)
@@ -3141,9 +3130,7 @@ func TestExampleClientReassemblesFragmentsAndReportsClose(t *testing.T) {
 	}
 	expectLines(t, "ws_bidir_client", client.out.String(), []string{"connecting to ws://127.0.0.1:...", "connected",
 		"received: fragmented message", `control error: code=invalid_json message="messages must be valid JSON"`, `closed: code=4000 reason="bye"`})
-	if got := <-authorization; got != "Bearer secret-token" {
-		t.Errorf("Authorization header = %q, want the bearer token", got)
-	}
+	check(t, "Authorization", <-authorization, "Bearer secret-token")
 	select {
 	case frames := <-received:
 		if want := []frame{{true, opPong, []byte("are you there?")}, {true, opClose, []byte{0x0f, 0xa0}}}; !reflect.DeepEqual(frames, want) {
@@ -3185,24 +3172,17 @@ func TestExampleClientRefusal(t *testing.T) {
 		if tc.result == "rejected" {
 			proxy.connect(t, sessionID, token) // the one connection MAX_CONNECTIONS allows
 		}
-		if status := run("ws://"+proxy.addr, tc.session, tc.token, tc.refusal); status != tc.status {
-			t.Errorf("%s: exit status %d, want %d", tc.refusal, status, tc.status)
-		}
-		series := `wsproxy_connections_total{result="` + tc.result + `"}`
-		if n := proxy.metric(t, series); n != 1 {
-			t.Errorf("%s: %s = %v, want 1: one handshake", tc.refusal, series, n)
-		}
-		if n := strings.Count(proxy.logs.String(), `"msg":"handshake refused"`); n != i+1 {
-			t.Errorf("%s: the proxy logged %d refusals in all, want %d", tc.refusal, n, i+1)
-		}
+		check(t, tc.refusal+": exit status", run("ws://"+proxy.addr, tc.session, tc.token, tc.refusal), tc.status)
+		proxy.expectMetrics(t, map[string]float64{handshakes(tc.result): 1}) // one handshake
+		check(t, tc.refusal+": refusals logged in all", strings.Count(proxy.logs.String(), `"msg":"handshake refused"`), i+1)
 	}
 	// A refusal by HTTP status (the proxy's answer without an Origin
 	// header), from a server that counts the handshakes it answers.
 	var mu sync.Mutex
-	handshakes := 0
+	answered := 0
 	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
-		handshakes++
+		answered++
 		mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
 		if strings.HasSuffix(r.URL.Path, "/draining") {
@@ -3222,15 +3202,11 @@ func TestExampleClientRefusal(t *testing.T) {
 		{"draining", "refused: 503 draining: the server is shutting down; reconnect to another instance", 4},
 	} {
 		mu.Lock()
-		handshakes = 0
+		answered = 0
 		mu.Unlock()
-		if status := run(strings.Replace(server.URL, "http://", "ws://", 1), tc.session, token, tc.refusal); status != tc.status {
-			t.Errorf("%s: exit status %d, want %d", tc.refusal, status, tc.status)
-		}
+		check(t, tc.refusal+": exit status", run(strings.Replace(server.URL, "http://", "ws://", 1), tc.session, token, tc.refusal), tc.status)
 		mu.Lock()
-		if handshakes != 1 {
-			t.Errorf("%s: the server answered %d handshakes, want 1", tc.refusal, handshakes)
-		}
+		check(t, tc.refusal+": handshakes answered", answered, 1)
 		mu.Unlock()
 	}
 }
