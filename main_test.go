@@ -65,6 +65,9 @@ const processWait = 20 * time.Second
 func check(t testing.TB, what string, got, want any) {
 	t.Helper()
 	if !reflect.DeepEqual(got, want) {
+		if err, ok := got.(error); ok {
+			got = err.Error()
+		}
 		t.Fatalf("%s = %#v, want %#v", what, got, want)
 	}
 }
@@ -1126,6 +1129,20 @@ func TestUnknownDotEnvKeysWarnedAndConfigLoggedRedacted(t *testing.T) {
 	}
 }
 
+// REDIS_URL: the user, password and db are honoured (the fake shares one
+// keyspace over its databases).
+func TestRedisURLPasswordAndDB(t *testing.T) {
+	_, fake := newFake(t)
+	fake.RequirePassword("secret")
+	tp := startProxy(t, &testRedis{url: "redis://default:secret@" + fake.Addr() + "/3", fake: fake})
+	id, token := randomID(), randomID()
+	fake.Set("session:"+id+":auth", token)
+	c := tp.connect(t, id, token)
+	fake.Publish("session:"+id+":down", []byte(`"through AUTH and SELECT"`))
+	c.expectText(`"through AUTH and SELECT"`)
+	check(t, "SELECTs", fake.CommandCount("SELECT") > 0, true)
+}
+
 // ---------------------------------------------------------------------------
 // README: Protocol, Endpoints
 
@@ -1564,20 +1581,6 @@ func TestAuthNoneAcceptsAnyoneAndWarns(t *testing.T) {
 	if !strings.Contains(tp.logs.String(), "AUTH_MODE=none") {
 		t.Errorf("no start-up warning for AUTH_MODE=none")
 	}
-}
-
-// REDIS_URL: user, password and db honoured (the fake shares one keyspace
-// over its databases).
-func TestRedisURLPasswordAndDB(t *testing.T) {
-	_, fake := newFake(t)
-	fake.RequirePassword("secret")
-	tp := startProxy(t, &testRedis{url: "redis://default:secret@" + fake.Addr() + "/3", fake: fake})
-	id, token := randomID(), randomID()
-	fake.Set("session:"+id+":auth", token)
-	c := tp.connect(t, id, token)
-	fake.Publish("session:"+id+":down", []byte(`"through AUTH and SELECT"`))
-	c.expectText(`"through AUTH and SELECT"`)
-	check(t, "SELECTs", fake.CommandCount("SELECT") > 0, true)
 }
 
 // ---------------------------------------------------------------------------
