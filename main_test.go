@@ -1427,8 +1427,11 @@ func TestAbortedHandshakeIsNotARedisFailure(t *testing.T) {
 	}
 }
 
-// Refusals a browser can read (README: Handshake, How a refusal is
-// answered): for a request with an Origin header, a
+// ---------------------------------------------------------------------------
+// README: Protocol, Handshake (How a refusal is answered): refusals a
+// browser can read
+
+// For a request with an Origin header, a
 // completed handshake closed at once with 4000 + status, the code as the
 // reason, the TCP connection closed after the client's answer; an invalid
 // upgrade is still HTTP 400. Counted and logged as HTTP refusals are, and
