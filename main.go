@@ -428,11 +428,15 @@ func (p *proxy) drain(signals <-chan os.Signal) {
 			progress()
 		case <-grace.C:
 			p.log.Info("grace period over: closing connections with 1001", "connections", p.metrics.active.Load())
-			p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", false) })
+			for _, c := range p.hub.conns(nil) {
+				c.closeWith(1001, "server shutting down", false)
+			}
 			giveUp = time.After(writeWait + closeWait)
 		case s := <-signals:
 			p.log.Info("second signal: closing connections with 1001 now", "signal", s.String(), "connections", p.metrics.active.Load())
-			p.hub.eachConn(func(c *conn) { c.closeWith(1001, "server shutting down", true) })
+			for _, c := range p.hub.conns(nil) {
+				c.closeWith(1001, "server shutting down", true)
+			}
 			giveUp = time.After(closeWait + time.Second)
 		case <-giveUp:
 			p.log.Warn("connections still open at exit", "connections", p.slots.Load())
@@ -455,19 +459,30 @@ func (p *proxy) releaseSlot() {
 // connection keeps an idle connection down to its socket and reader.
 func (p *proxy) sweepLoop(ctx context.Context) {
 	period := p.cfg.PingInterval
-	for _, d := range []time.Duration{p.cfg.IdleTimeout, p.cfg.StreamEndTimeout} {
+	for _, d := range []time.Duration{p.cfg.IdleTimeout, p.cfg.StreamEndTimeout, p.cfg.AuthGrace / 2} {
 		if d > 0 && d < period {
 			period = d
 		}
 	}
 	ticker := time.NewTicker(min(max(period/10, 10*time.Millisecond), time.Second))
 	defer ticker.Stop()
+	var conns []*conn
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case now := <-ticker.C:
-			p.hub.eachConn(func(c *conn) { c.sweep(now) })
+			conns = p.hub.conns(conns)
+			refresh := map[string]bool{}
+			for _, c := range conns {
+				if c.sweep(now) {
+					refresh[c.sessionID] = true
+				}
+			}
+			clear(conns) // hold no connection until the next tick
+			if len(refresh) > 0 {
+				p.refreshTokens(slices.Collect(maps.Keys(refresh))...)
+			}
 		}
 	}
 }
@@ -534,6 +549,7 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		p.hub.leave(c)
 		p.releaseSlot()
 		p.metrics.connections["bad_request"].Add(1)
+		p.log.Info("handshake refused by x/net/websocket", "agent_id", c.agentID, "session_id", c.sessionID, "remote", c.remote)
 		return
 	}
 	c.attach(netConn, reader)
@@ -561,7 +577,7 @@ func (p *proxy) handshake(r *http.Request) (*conn, *handshakeError) {
 	}
 	c := &conn{p: p, id: p.nextID.Add(1), agentID: agentID, sessionID: sessionID,
 		channel: "session:" + sessionID + ":down", remote: r.RemoteAddr, opened: time.Now()}
-	c.pingedAt, c.lastData = c.opened, c.opened.UnixNano() // the first ping goes out one interval after the open
+	c.pingedAt, c.refreshedAt, c.lastData = c.opened, c.opened, c.opened.UnixNano() // the first ping goes out one interval after the open
 	if herr := p.hub.join(r.Context(), c); herr != nil {
 		return nil, herr
 	}
@@ -825,11 +841,12 @@ type conn struct {
 	netConn            net.Conn
 	raw                syscall.RawConn // netConn's descriptor, for tryWrite
 
-	reader   *bufio.Reader // the reader goroutine's alone
-	pingedAt time.Time     // the sweeper's alone
-	once     oneWrite      // tryWrite's system call and result: whoever writes, one at a time
-	attempt  func(uintptr) bool
-	writers  sync.WaitGroup // the writer, for serve to wait on
+	reader      *bufio.Reader // the reader goroutine's alone
+	pingedAt    time.Time     // the sweeper's alone, as refreshedAt
+	refreshedAt time.Time
+	once        oneWrite // tryWrite's system call and result: whoever writes, one at a time
+	attempt     func(uintptr) bool
+	writers     sync.WaitGroup // the writer, for serve to wait on
 
 	mu           sync.Mutex // guards everything below
 	lastData     int64      // UnixNano of the last data message either way
@@ -888,10 +905,10 @@ func (c *conn) serve() {
 	down, up := c.down, c.up
 	c.mu.Unlock()
 	m.active.Add(-1)
-	c.p.releaseSlot()
 	if c.p.cfg.AuthMode == "redis" && c.p.cfg.AuthGrace > 0 {
-		c.p.refreshToken(c.sessionID) // the grace period counts from the disconnect
+		c.p.refreshTokens(c.sessionID) // the grace period counts from the disconnect; before drain may end
 	}
+	c.p.releaseSlot()
 	c.log(slog.LevelInfo, "connection closed", "reason", c.reason,
 		"duration", time.Since(c.opened).Round(time.Millisecond).String(), "messages_down", down, "messages_up", up)
 }
@@ -1096,12 +1113,16 @@ func (c *conn) sendError(code, message string) {
 }
 
 // sweep is called by the sweeper for every connection: ping when due, and
-// close after the idle or stream-end timeout.
-func (c *conn) sweep(now time.Time) {
+// close after the idle or stream-end timeout. It reports when the session's
+// token needs its grace period restarted (every half of it).
+func (c *conn) sweep(now time.Time) (refreshToken bool) {
 	cfg := c.p.cfg
 	if now.Sub(c.pingedAt) >= cfg.PingInterval {
 		c.pingedAt = now
 		c.send(outFrame{op: opPing}, false)
+	}
+	if cfg.AuthMode == "redis" && cfg.AuthGrace > 0 && now.Sub(c.refreshedAt) >= cfg.AuthGrace/2 {
+		c.refreshedAt, refreshToken = now, true
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -1111,6 +1132,7 @@ func (c *conn) sweep(now time.Time) {
 	case cfg.StreamEndTimeout > 0 && c.streamEnd != 0 && at-c.streamEnd >= int64(cfg.StreamEndTimeout):
 		c.closeLocked(1000, "stream ended", false)
 	}
+	return refreshToken
 }
 
 // send queues f and writes the queue at once when the socket can take it
@@ -1425,21 +1447,42 @@ func headerLength(payload int) int {
 	return 10
 }
 
-// refreshToken restarts the auth key's grace period when a client leaves.
-// EXPIRE on a key a worker deleted does nothing, so a revoked token stays so.
-func (p *proxy) refreshToken(sessionID string) {
-	c := p.pool.Get()
-	defer c.Close()
-	if _, err := c.Do("EXPIRE", "session:"+sessionID+":auth", graceSeconds(p.cfg)); err != nil {
-		p.log.Warn("could not refresh the token's grace period", "session_id", sessionID, "err", err)
+// refreshTokens restarts the grace period of the sessions' auth keys, in
+// one round trip: when a client leaves, and while it stays longer than the
+// grace period, so that it can always reconnect within the grace period
+// after it leaves. EXPIRE on a key a worker deleted does nothing, so a
+// revoked token stays so.
+func (p *proxy) refreshTokens(sessionIDs ...string) {
+	err := p.redisDo(func(c redis.Conn) error {
+		for _, id := range sessionIDs {
+			c.Send("EXPIRE", "session:"+id+":auth", graceSeconds(p.cfg))
+		}
+		_, err := c.Do("") // flushes, and reads every reply
+		return err
+	})
+	if err != nil {
+		p.log.Warn("could not refresh the tokens' grace period", "sessions", len(sessionIDs), "err", err)
 	}
 }
 
 func (p *proxy) publish(channel string, message []byte) error {
-	c := p.pool.Get()
+	return p.redisDo(func(c redis.Conn) error {
+		_, err := c.Do("PUBLISH", channel, message)
+		return err
+	})
+}
+
+// redisDo runs f on a pool connection, waiting at most redisCommandTimeout
+// for one when all are busy.
+func (p *proxy) redisDo(f func(redis.Conn) error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), redisCommandTimeout)
+	defer cancel()
+	c, err := p.pool.GetContext(ctx)
+	if err != nil {
+		return err
+	}
 	defer c.Close()
-	_, err := c.Do("PUBLISH", channel, message)
-	return err
+	return f(c)
 }
 
 // ---------------------------------------------------------------------------
@@ -1533,14 +1576,16 @@ func (h *hub) leave(c *conn) {
 	}
 }
 
-func (h *hub) eachConn(f func(*conn)) {
+// conns returns every connection, handshakes included, in buf's array:
+// the caller works on them without holding up the Redis reader.
+func (h *hub) conns(buf []*conn) []*conn {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	buf = buf[:0]
 	for _, conns := range h.channels {
-		for _, c := range conns {
-			f(c)
-		}
+		buf = append(buf, conns...)
 	}
+	return buf
 }
 
 // run keeps the subscriber connected until ctx ends, reconnecting with

@@ -2283,6 +2283,196 @@ func TestCloseGoesOutAfterQueuedFrames(t *testing.T) {
 	}
 }
 
+// A client that floods pings and reads nothing holds a queue of pongs: each
+// queued frame counts its overhead, so the flood meets MAX_BUFFER_SIZE_BYTES
+// and the client is closed with 1008, however empty its pings.
+func TestPingFloodIsBounded(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=65536")
+	id, token := r.session(t)
+	c := tp.connectSlow(t, id, token)
+	c.autoPong = false
+	pings := bytes.Repeat(encodeHeader(true, opPing, 0, true), 300000) // pongs past the kernel's buffers
+	go c.conn.Write(pings) // blocks once the proxy stops reading: it is closing
+	eventually(t, "the flooding client closed for its queue", func() bool {
+		return tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`) == 1
+	})
+	c.expectCloseCode(1008)
+	eventually(t, "nothing queued", func() bool { return tp.p.metrics.queuedBytes.Load() == 0 })
+}
+
+// A client that reads slowly but steadily is served, however long its queue
+// takes to drain: the writer gives up only when the socket takes nothing
+// for writeWait (here 300 ms), not when one write takes longer than that.
+func TestSlowSteadyReaderIsServed(t *testing.T) {
+	saved := writeWait
+	t.Cleanup(func() { writeWait = saved }) // after the proxy's own cleanup has stopped it
+	writeWait = 300 * time.Millisecond
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	message := func(i int) string { return fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, i, strings.Repeat("s", 60000)) }
+	read := make(chan error, 1)
+	go func() { // about 3 MB/s
+		for i := range 100 {
+			f, err := c.next(10 * time.Second)
+			if err != nil || string(f.payload) != message(i) {
+				read <- fmt.Errorf("message %d: %v %.30q", i, err, f.payload)
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		read <- nil
+	}()
+	rc, err := redis.DialURL(r.url)
+	must(t, err)
+	defer rc.Close()
+	for i := range 100 { // 6 MB at once, far more than the socket's buffers
+		rc.Send("PUBLISH", "session:"+id+":down", message(i))
+	}
+	_, err = rc.Do("")
+	must(t, err)
+	check(t, "every message read", <-read, nil)
+}
+
+// Past MAX_TOTAL_BUFFER_BYTES the clients that have been behind the longest
+// are closed first: a client that gets a burst larger than its socket takes
+// is not closed while clients stalled for longer hold the budget.
+func TestTotalBoundClosesTheLongestBehindFirst(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=4194304", "MAX_TOTAL_BUFFER_BYTES=4194304")
+	pad := strings.Repeat("p", 60000)
+	var stalled []*wsClient
+	for _, budget := range []int64{3 << 19, 3 << 20} { // two stalled clients, one after the other, hold most of the budget
+		id, token := r.session(t)
+		stalled = append(stalled, tp.connectSlow(t, id, token))
+		for tp.p.metrics.queuedBytes.Load() < budget {
+			r.publish(t, id, `"`+pad+`"`)
+		}
+	}
+	fastID, fastToken := r.session(t)
+	fast := tp.connect(t, fastID, fastToken)
+	rc, err := redis.DialURL(r.url)
+	must(t, err)
+	defer rc.Close()
+	for i := range 40 { // 2.4 MB at once, more than its socket takes: it is behind too, but for less long
+		rc.Send("PUBLISH", "session:"+fastID+":down", fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, i, pad))
+	}
+	_, err = rc.Do("")
+	must(t, err)
+	for i := range 40 {
+		if got := fast.readText(); !strings.HasPrefix(got, fmt.Sprintf(`{"seq":%d,`, i)) {
+			t.Fatalf("fast client: message %d is %.20q", i, got)
+		}
+	}
+	// The one behind the longest was closed, which made room enough.
+	if code, reason := stalled[0].expectClose(5 * time.Second); code != 1008 || reason != "client too slow" {
+		t.Errorf("the longest stalled client: %d %q", code, reason)
+	}
+	check(t, "closes for the total", tp.metric(t, `wsproxy_slow_client_closes_total{limit="total"}`), 1.0)
+}
+
+// What a stalled client holds is its queue and at most one 64 KiB write
+// buffer: large messages are not copied whole for the socket.
+func TestLargeMessagesAreNotCopiedForStalledClients(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=4194304")
+	before := liveHeap()
+	const clients, size = 10, 1 << 20
+	for i := range clients {
+		id, token := r.session(t)
+		tp.connectSlow(t, id, token)
+		r.publish(t, id, fmt.Sprintf(`"%d%s"`, i, strings.Repeat("L", size)))
+	}
+	eventually(t, "every message queued", func() bool { return tp.p.metrics.queuedBytes.Load() >= clients*size })
+	if grown := liveHeap() - before; grown > clients*size*3/2 {
+		t.Errorf("%d MB queued grew the heap by %d MB", clients*size>>20, grown>>20)
+	}
+}
+
+// A client that trickles a frame's payload is alive: each read that brings
+// bytes counts, not only a whole frame (README: Liveness).
+func TestTricklingClientIsAlive(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "WS_PING_INTERVAL_SECS=0.3", "WS_PING_TIMEOUT_SECS=0.3")
+	id, token := r.session(t)
+	up := r.up(t, id)
+	c := tp.connect(t, id, token)
+	message := mask([]byte(`{"trickled":"` + strings.Repeat("t", 8) + `"}`))
+	c.conn.Write(encodeHeader(true, opText, uint64(len(message)), true))
+	for _, b := range message { // one byte every 150 ms: 3 s, five times the liveness window
+		time.Sleep(150 * time.Millisecond)
+		_, err := c.conn.Write([]byte{b})
+		must(t, err)
+	}
+	expectMessage(t, up, `{"trickled":"tttttttt"}`)
+}
+
+// Request headers are bounded: 32 KiB is plenty for a handshake's.
+func TestLargeRequestHeadersRefused(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	h := bearer(token)
+	h.Set("X-Padding", strings.Repeat("h", 64<<10))
+	_, res := tp.dial(t, "/agent/ws/"+id, h)
+	check(t, "status", res.status, http.StatusRequestHeaderFieldsTooLarge)
+}
+
+// The upgrade is checked as x/net/websocket checks it, before any token is
+// spent; a browser that offers subprotocols gets the first one back (it
+// fails the connection without one).
+func TestUpgradeCheckedBeforeAuthAndSubprotocolEchoed(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "AUTH_GRACE_PERIOD_SECS=0")
+	id, token := r.session(t)
+	h := bearer(token)
+	h.Set("Upgrade", "websocket, foo")
+	tp.expectRefused(t, "/agent/ws/"+id, h, 400, "bad_request")
+	check(t, "single-use token still there", r.do(t, "GET", "session:"+id+":auth") != nil, true)
+	h = bearer(token)
+	h.Set("Sec-WebSocket-Protocol", "chat, superchat")
+	c, res := tp.dial(t, "/agent/ws/"+id, h)
+	if c == nil {
+		t.Fatalf("two subprotocols offered: %d %s", res.status, res.body)
+	}
+	check(t, "subprotocol", res.header.Get("Sec-WebSocket-Protocol"), "chat")
+}
+
+// A refusal completed for a browser holds its slot until it is closed, so
+// refusals cannot hold more sockets than MAX_CONNECTIONS allows.
+func TestBrowserRefusalHoldsItsSlot(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_CONNECTIONS=1")
+	id, token := r.session(t)
+	refused, res := tp.dial(t, "/agent/ws/"+id+"?token=wrong", http.Header{"Origin": {"http://localhost"}})
+	if refused == nil {
+		t.Fatalf("want 101 then a close: %d %s", res.status, res.body)
+	}
+	f, err := refused.readFrame(5 * time.Second) // its close frame, left unanswered
+	check(t, "close frame", err == nil && f.op == opClose && closeCode(f.payload) == 4403, true)
+	tp.expectRefused(t, "/agent/ws/"+id, bearer(token), 503, "too_many_connections")
+	refused.conn.Close()
+	eventually(t, "the slot released", func() bool { return tp.p.slots.Load() == 0 })
+	tp.connect(t, id, token)
+}
+
+// A connection that outlives AUTH_GRACE_PERIOD_SECS keeps its token alive,
+// so that it can still reconnect within the grace period after it leaves.
+func TestLongConnectionKeepsItsToken(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "AUTH_GRACE_PERIOD_SECS=1")
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	holdsFor(t, 2500*time.Millisecond, func() {
+		check(t, "the key exists", r.do(t, "GET", "session:"+id+":auth") != nil, true)
+	})
+	c.sendClose(1000)
+	c.expectClose(5 * time.Second)
+	tp.connect(t, id, token)
+}
+
 // ---------------------------------------------------------------------------
 // README: Redis outages and shutdown (Redis outages)
 
