@@ -2293,7 +2293,7 @@ func TestPingFloodIsBounded(t *testing.T) {
 	c := tp.connectSlow(t, id, token)
 	c.autoPong = false
 	pings := bytes.Repeat(encodeHeader(true, opPing, 0, true), 300000) // pongs past the kernel's buffers
-	go c.conn.Write(pings) // blocks once the proxy stops reading: it is closing
+	go c.conn.Write(pings)                                             // blocks once the proxy stops reading: it is closing
 	eventually(t, "the flooding client closed for its queue", func() bool {
 		return tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`) == 1
 	})
