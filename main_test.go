@@ -2361,6 +2361,11 @@ func TestTotalBoundClosesTheLongestBehindFirst(t *testing.T) {
 	}
 	_, err = rc.Do("")
 	must(t, err)
+	// It reads only once the total was passed: reading sooner could drain it
+	// below the bound before the proxy has dispatched the whole burst.
+	eventually(t, "a close for the total", func() bool {
+		return tp.metric(t, `wsproxy_slow_client_closes_total{limit="total"}`) >= 1
+	})
 	for i := range 40 {
 		if got := fast.readText(); !strings.HasPrefix(got, fmt.Sprintf(`{"seq":%d,`, i)) {
 			t.Fatalf("fast client: message %d is %.20q", i, got)
