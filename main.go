@@ -89,6 +89,9 @@ const (
 	// none: it keeps the subscriber in subscribed mode even with no client,
 	// where Redis answers PING in a form PubSubConn parses.
 	keepaliveChannel = "wsproxy:keepalive"
+	// fileReserve is the file descriptors wsproxy needs besides its
+	// WebSockets: the listener, Redis, health checks and metrics scrapes.
+	fileReserve = 100
 )
 
 // Timeouts that are variables only so that tests can shorten them. Plain
@@ -304,6 +307,11 @@ func main() {
 		if !cfg.reads(key) {
 			log.Warn(".env sets a variable wsproxy does not read; check its spelling", "variable", key)
 		}
+	}
+	var files syscall.Rlimit // Go has raised the soft limit to the hard one
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &files) == nil && files.Cur < uint64(cfg.MaxConnections)+fileReserve {
+		log.Warn("MAX_CONNECTIONS is above what the open-file limit allows: raise the limit (ulimit -n) or lower MAX_CONNECTIONS",
+			"variable", "MAX_CONNECTIONS", "max_connections", cfg.MaxConnections, "open_file_limit", files.Cur)
 	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)))
 	if err != nil {
@@ -545,11 +553,11 @@ func (p *proxy) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	netConn, reader := upgrade(w, r)
-	if netConn == nil { // x/net/websocket refused what isUpgrade accepted
-		p.hub.leave(c)
+	if netConn == nil { // isUpgrade checks what x/net/websocket does: the 101 could not be sent
+		c.abandon()
 		p.releaseSlot()
-		p.metrics.connections["bad_request"].Add(1)
-		p.log.Info("handshake refused by x/net/websocket", "agent_id", c.agentID, "session_id", c.sessionID, "remote", c.remote)
+		p.metrics.connections["aborted"].Add(1)
+		p.log.Debug("handshake aborted by the client", "agent_id", c.agentID, "session_id", c.sessionID, "remote", c.remote)
 		return
 	}
 	c.attach(netConn, reader)
@@ -611,11 +619,14 @@ func (p *proxy) authorize(r *http.Request, sessionID string) *handshakeError {
 	return p.checkRedisToken(r.Context(), sessionID, token)
 }
 
-// isUpgrade reports whether r asks for a WebSocket (RFC 6455 §4.2.1), as
-// x/net/websocket will check it.
+// isUpgrade reports whether r asks for a WebSocket (RFC 6455 §4.2.1),
+// checked exactly as x/net/websocket checks it (strings.ToLower, not
+// EqualFold, which takes U+017F for an s), so that the library never refuses
+// a handshake that has been subscribed.
 func isUpgrade(r *http.Request) bool {
-	return strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") &&
-		r.Header.Get("Sec-WebSocket-Key") != "" && r.Header.Get("Sec-WebSocket-Version") == "13"
+	_, err := url.ParseRequestURI("ws://" + r.Host + r.URL.RequestURI())
+	return strings.ToLower(r.Header.Get("Upgrade")) == "websocket" && strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") &&
+		r.Header.Get("Sec-WebSocket-Key") != "" && r.Header.Get("Sec-WebSocket-Version") == "13" && err == nil
 }
 
 // checkRedisToken compares the token with session:{id}:auth, then keeps the
@@ -729,7 +740,7 @@ func (p *proxy) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError
 		if netConn, _ := upgrade(w, r); netConn != nil {
 			closeRefused(netConn, 4000+e.status, e.code)
 		}
-	case r.Header.Get("Sec-WebSocket-Version") != "13" && strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
+	case r.Header.Get("Sec-WebSocket-Version") != "13" && strings.ToLower(r.Header.Get("Upgrade")) == "websocket":
 		w.Header().Set("Sec-WebSocket-Version", "13") // the version spoken here (RFC 6455 §4.4)
 		fallthrough
 	default:
@@ -1144,7 +1155,9 @@ func (c *conn) sweep(now time.Time) (refreshToken bool) {
 // A connection is closed with 1008 instead of being waited for when its
 // queue would pass MAX_BUFFER_SIZE_BYTES, or when it is behind (its writer
 // waits for the socket) and all queues together would pass
-// MAX_TOTAL_BUFFER_BYTES: a client that keeps up is never closed for others.
+// MAX_TOTAL_BUFFER_BYTES, whatever the frame (dispatch has first closed the
+// clients behind the longest): a client that keeps up is never closed for
+// others.
 func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -1158,8 +1171,12 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 		c.lastData, c.streamEnd = f.received, 0
 	}
 	cfg := c.p.cfg
-	if c.queued+cost(f) > cfg.MaxBufferSize {
+	if c.queued > 0 && c.queued+cost(f) > cfg.MaxBufferSize { // one larger message still goes to an empty queue
 		c.tooSlowLocked("connection", cfg.MaxBufferSize)
+		return false
+	}
+	if c.writing && c.p.metrics.queuedBytes.Load()+int64(cost(f)) > int64(cfg.MaxTotalBuffer) {
+		c.tooSlowLocked("total", cfg.MaxTotalBuffer) // a pong or an error for a client that does not read
 		return false
 	}
 	c.queue = append(c.queue, f)
@@ -1337,9 +1354,9 @@ func (c *conn) advanceLocked(written int) {
 func (c *conn) write(b []byte) error {
 	n, err := c.tryWrite(b, false)
 	waited := false
-	for b = b[n:]; err == nil && len(b) > 0; b = b[n:] {
+	for ; err == nil && n < len(b); n, err = c.tryWrite(b, true) {
+		b = b[n:]
 		c.netConn.SetWriteDeadline(time.Now().Add(writeWait))
-		n, err = c.tryWrite(b, true)
 		waited = true
 	}
 	if waited {
@@ -1359,14 +1376,17 @@ func (c *conn) tryWrite(b []byte, wait bool) (int, error) {
 		}
 		return c.netConn.Write(b)
 	}
-	c.once.b, c.once.wait = b, wait
+	c.once = oneWrite{b: b, wait: wait} // a closed socket makes no attempt: no result of the last one
 	err := c.raw.Write(c.attempt)
 	n, errno := c.once.n, c.once.err
 	c.once.b = nil
 	if err == nil && errno != syscall.EAGAIN {
 		err = errno
 	}
-	return n, err
+	if err != nil {
+		return 0, err
+	}
+	return n, nil
 }
 
 // oneWrite is one write system call as syscall.RawConn.Write runs it:
@@ -1543,16 +1563,27 @@ func (h *hub) join(ctx context.Context, c *conn) *handshakeError {
 	select {
 	case err = <-confirmed: // nil, or the subscriber was lost
 	case <-timeout.C:
-		h.leave(c)
+		c.abandon()
 		return &handshakeError{504, "subscribe_timeout", "Redis did not confirm the subscription in time"}
 	case <-ctx.Done(): // the client left: refuse counts an abort
 		err = ctx.Err()
 	}
 	if err != nil {
-		h.leave(c)
+		c.abandon()
 		return unavailable
 	}
 	return nil
+}
+
+// abandon forgets a connection whose handshake failed after it joined its
+// channel, and drops what was queued for it meanwhile.
+func (c *conn) abandon() {
+	c.p.hub.leave(c)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closing = true // a sweeper holding it queues nothing more
+	c.account(-c.queued)
+	c.queue = nil
 }
 
 // leave forgets c, and unsubscribes when it was the channel's last connection.

@@ -1106,13 +1106,15 @@ func TestDotEnvThenEnvironment(t *testing.T) {
 // read (a typo, a wrong case, the first after a BOM) is named in a warning,
 // and the start-up record holds the configuration, secrets redacted.
 func TestUnknownDotEnvKeysWarnedAndConfigLoggedRedacted(t *testing.T) {
+	var files syscall.Rlimit // the hard limit, which the proxy raises its own to
+	must(t, syscall.Getrlimit(syscall.RLIMIT_NOFILE, &files))
 	dir := t.TempDir()
 	os.WriteFile(dir+"/.env", []byte("\ufeffPROT=9000\nport=9001\nLOG_LEVEL=info\nAUTH_MODE=jwt\nJWT_SECRET="+strings.Repeat("j", 32)+"\n"), 0o600)
 	p := startProcess(t, "wsproxy", dir, cleanEnv("HOST=127.0.0.1", "PORT="+strconv.Itoa(freePort(t)),
-		"REDIS_URL=redis://user:hunter2@127.0.0.1:1"), nil, program(t, "wsproxy"))
+		"REDIS_URL=redis://user:hunter2@127.0.0.1:1", "MAX_CONNECTIONS="+strconv.FormatUint(min(files.Max, 1<<31-1), 10)), nil, program(t, "wsproxy"))
 	var start map[string]any
 	warned := map[string]bool{}
-	p.waitOutput(t, "the start-up record and two warnings", func(text string) bool {
+	p.waitOutput(t, "the start-up record and three warnings", func(text string) bool {
 		for _, rec := range records(text) {
 			if rec["msg"] == "starting" {
 				start = rec
@@ -1120,9 +1122,10 @@ func TestUnknownDotEnvKeysWarnedAndConfigLoggedRedacted(t *testing.T) {
 				warned[v] = true
 			}
 		}
-		return start != nil && len(warned) == 2
+		return start != nil && len(warned) == 3
 	})
-	check(t, "warned", warned, map[string]bool{"PROT": true, "port": true})
+	// MAX_CONNECTIONS leaves no file descriptor for the listener and Redis.
+	check(t, "warned", warned, map[string]bool{"PROT": true, "port": true, "MAX_CONNECTIONS": true})
 	config, ok := start["config"].(map[string]any)
 	if !ok || config["PORT"] == nil || config["AUTH_MODE"] != "jwt" || config["JWT_SECRET"] != "REDACTED" || config["REDIS_URL"] != "redis://user:REDACTED@127.0.0.1:1" {
 		t.Errorf("config logged as %v", start["config"])
@@ -1283,14 +1286,19 @@ func TestHandshakeRefusedByLibraryLeavesNothing(t *testing.T) {
 	tp := startProxy(t, r)
 	id, token := r.session(t)
 	start := time.Now()
-	tp.expectRefused(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}, "Host": {"%zz"}}, 400, "")
+	// A Host x/net/websocket cannot make a URL of, and an Upgrade that
+	// strings.EqualFold takes for websocket (U+017F is a long s) but
+	// x/net/websocket does not: refused before anything is subscribed.
+	tp.expectRefused(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}, "Host": {"%zz"}}, 400, "bad_request")
+	tp.expectRefused(t, "/agent/ws/"+id, http.Header{"Authorization": {"Bearer " + token}, "Upgrade": {"webſocket"}}, 400, "bad_request")
 	if waited := time.Since(start); waited > 10*time.Second { // the body ends when the socket closes
 		t.Errorf("the refused socket stayed open for %v", waited)
 	}
 	eventually(t, "nothing left", func() bool {
 		return len(sessionChannels(fake)) == 0 && tp.p.slots.Load() == 0 && goroutinesIn("wsproxy.(*conn)") == 0
 	})
-	tp.expectMetrics(t, map[string]float64{handshakes("bad_request"): 1})
+	check(t, "SUBSCRIBEs for the refused handshakes", fake.CommandCount("SUBSCRIBE"), 1) // the keepalive channel's
+	tp.expectMetrics(t, map[string]float64{handshakes("bad_request"): 2})
 }
 
 // The first message published the moment the handshake completes arrives,
@@ -1428,6 +1436,46 @@ func TestAbortedHandshakeIsNotARedisFailure(t *testing.T) {
 	if !strings.Contains(tp.logs.String(), "handshake aborted") {
 		t.Error("no debug record of the abort")
 	}
+}
+
+// A handshake that fails once it has joined its channel (the client left, or
+// Redis did not confirm in time) leaves nothing queued, though messages for
+// its session arrived meanwhile: wsproxy_queued_bytes, which the total bound
+// reads, returns to 0.
+func TestFailedHandshakesLeaveNothingQueued(t *testing.T) {
+	r, fake := newFake(t)
+	tp := startProxy(t, r, "SUBSCRIBE_TIMEOUT_SECS=0.5")
+	id, token := r.session(t)
+	channel := "session:" + id + ":down"
+	fake.HoldSubscribes(true)
+	defer fake.HoldSubscribes(false)
+	handshake := func() net.Conn {
+		t.Helper()
+		nc, err := net.Dial("tcp", tp.addr)
+		must(t, err)
+		t.Cleanup(func() { nc.Close() })
+		fmt.Fprintf(nc, "GET /agent/ws/%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n", id, token)
+		eventually(t, "the handshake waiting for its subscription", func() bool { return fake.Subscribers(channel) == 1 })
+		for range 3 { // as the Redis reader dispatches messages that arrive meanwhile
+			tp.p.hub.dispatch(channel, []byte(`"meanwhile"`), time.Now().UnixNano())
+		}
+		if tp.p.metrics.queuedBytes.Load() == 0 {
+			t.Fatal("nothing queued for the handshake")
+		}
+		return nc
+	}
+	handshake().Close()
+	eventually(t, "the abort counted", func() bool { return tp.metric(t, handshakes("aborted")) == 1 })
+	eventually(t, "nothing queued after the abort", func() bool { return tp.p.metrics.queuedBytes.Load() == 0 })
+	eventually(t, "unsubscribed", func() bool { return fake.Subscribers(channel) == 0 })
+	response, err := http.ReadResponse(bufio.NewReader(handshake()), nil)
+	must(t, err)
+	body, _ := io.ReadAll(response.Body)
+	if response.StatusCode != 504 || !bytes.Contains(body, []byte("subscribe_timeout")) {
+		t.Errorf("answer: %d %s, want 504 subscribe_timeout", response.StatusCode, body)
+	}
+	check(t, "queued after the subscribe timeout", tp.p.metrics.queuedBytes.Load(), int64(0))
 }
 
 // ---------------------------------------------------------------------------
@@ -2245,6 +2293,25 @@ func TestPartialWriteContinuesInOrder(t *testing.T) {
 	eventually(t, "nothing queued", func() bool { return tp.p.metrics.queuedBytes.Load() == 0 })
 }
 
+// A write that fails before its system call, because the reader closed the
+// socket meanwhile (the client left), reports nothing written: not what the
+// write before it took, which cut the next buffer past its end.
+func TestWriteOnClosedSocketReportsNothingWritten(t *testing.T) {
+	_, conns := benchConns(t, 1)
+	c := conns[0]
+	if n, err := c.tryWrite(make([]byte, 4096), false); n != 4096 || err != nil {
+		t.Fatalf("first write: %d %v", n, err)
+	}
+	c.netConn.Close()
+	n, err := c.tryWrite([]byte("x"), false)
+	if n != 0 || err == nil {
+		t.Errorf("write on a closed socket: %d %v, want 0 and an error", n, err)
+	}
+	if err := c.write([]byte("xy")); err == nil { // panicked: slice bounds out of range
+		t.Error("the writer's write on a closed socket did not fail")
+	}
+}
+
 // README: Close codes: a close queued right after a direct write, or behind
 // a partial one, goes out after the data, and last.
 func TestCloseGoesOutAfterQueuedFrames(t *testing.T) {
@@ -2299,6 +2366,47 @@ func TestPingFloodIsBounded(t *testing.T) {
 	})
 	c.expectCloseCode(1008)
 	eventually(t, "nothing queued", func() bool { return tp.p.metrics.queuedBytes.Load() == 0 })
+}
+
+// Pongs queued for clients that flood pings and never read count against
+// MAX_TOTAL_BUFFER_BYTES as messages do: the total stays within its bound,
+// though no client reaches its own.
+func TestPongFloodIsBoundedByTheTotal(t *testing.T) {
+	const bound = 1 << 20
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES="+strconv.Itoa(bound), "MAX_TOTAL_BUFFER_BYTES="+strconv.Itoa(bound))
+	id, token := r.session(t)
+	pings := bytes.Repeat(append(encodeHeader(true, opPing, 125, true), mask(bytes.Repeat([]byte("p"), 125))...), 5000)
+	for range 4 { // each queues about 600 KB of pongs past the kernel's buffers: 2.4 MB together
+		c := tp.connectSlow(t, id, token)
+		c.autoPong = false
+		go c.conn.Write(pings)
+	}
+	eventually(t, "a flooding client closed for the total", func() bool {
+		return tp.metric(t, `wsproxy_slow_client_closes_total{limit="total"}`) >= 1
+	})
+	holdsFor(t, 500*time.Millisecond, func() {
+		if q := tp.p.metrics.queuedBytes.Load(); q > bound {
+			t.Fatalf("%d bytes queued, over the bound of %d", q, bound)
+		}
+	})
+	check(t, "closes for one queue", tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`), 0.0)
+}
+
+// One message larger than MAX_BUFFER_SIZE_BYTES is still delivered to a
+// client whose queue is empty: it is a worker's message, not a client that
+// is behind.
+func TestMessageLargerThanTheQueueBoundIsDelivered(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=65536")
+	id, token := r.session(t)
+	c := tp.connect(t, id, token)
+	large := `"` + strings.Repeat("l", 200000) + `"`
+	r.publish(t, id, large)
+	c.expectText(large)
+	r.publish(t, id, `"after"`)
+	c.expectText(`"after"`)
+	check(t, "slow-client closes", tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`), 0.0)
 }
 
 // A client that reads slowly but steadily is served, however long its queue
@@ -3812,7 +3920,7 @@ func expectLines(t *testing.T, name, output string, want []string) {
 
 // benchConns returns n connections of one session, open on real loopback
 // sockets whose far ends are read and discarded.
-func benchConns(b *testing.B, n int) (*proxy, []*conn) {
+func benchConns(b testing.TB, n int) (*proxy, []*conn) {
 	cfg, err := loadConfig(func(k string) string {
 		return map[string]string{"MAX_BUFFER_SIZE_BYTES": "1000000000", "MAX_TOTAL_BUFFER_BYTES": "1000000000"}[k]
 	})
