@@ -2598,6 +2598,7 @@ const redisSilence = 5 * time.Second
 // noticed within a few seconds, and the proxy says so for as long as Redis
 // answers nothing, even though it still accepts TCP connections.
 func TestSubscriberPingedAndHalfOpenNoticed(t *testing.T) {
+	t.Parallel() // it waits 14 s: beside the other tests that wait
 	r, fake := newFake(t)
 	tp := startProxy(t, r)
 	eventually(t, "two health-check PINGs", func() bool { return fake.CommandCount("PING") >= 2 })
@@ -3403,6 +3404,49 @@ func postJSON(t *testing.T, target, body string, wantStatus int, result any) {
 // with a ping between them, sends a control error and closes with 4000: the
 // client prints the whole message, the control error, the close code and
 // reason, sends its token, answers the ping and echoes the close code.
+// ws_bidir_client answers a ping that comes more than its write timeout
+// (10 s) after the last line it sent: a pong does not inherit the deadline
+// of that line's write.
+func TestExampleClientAnswersPingsLongAfterItsLastSend(t *testing.T) {
+	t.Parallel() // it waits 11 s: beside the other tests that wait
+	pong := make(chan frame, 1)
+	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		accept := sha1.Sum([]byte(r.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+		conn, buffered, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
+			base64.StdEncoding.EncodeToString(accept[:]))
+		end := &wsClient{conn: conn, br: buffered.Reader, server: true}
+		if f, err := end.readFrame(processWait); err != nil || string(f.payload) != `{"type":"prompt"}` {
+			return
+		}
+		time.Sleep(11 * time.Second)
+		end.writeFrame(true, opPing, []byte("still there?"))
+		if f, err := end.readFrame(processWait); err == nil {
+			pong <- f
+		}
+		end.writeFrame(true, opClose, binary.BigEndian.AppendUint16(nil, 1000))
+		end.readFrame(processWait)
+	}))
+	t.Cleanup(server.Close)
+	client := startProcess(t, "ws_bidir_client", t.TempDir(), cleanEnv("WSPROXY_URL="+strings.Replace(server.URL, "http://", "ws://", 1)),
+		nil, program(t, "ws_bidir_client"), "-ping-interval", "0", "agent-1", "session-1", "secret-token")
+	client.waitOutput(t, "connected", func(text string) bool { return strings.Contains(text, "connected\n") })
+	fmt.Fprintln(client.stdin, `{"type":"prompt"}`)
+	select {
+	case f := <-pong:
+		check(t, "pong", f, frame{true, opPong, []byte("still there?")})
+	case <-time.After(11*time.Second + processWait):
+		t.Fatalf("no pong 11 s after the last send:\n%s", client.out)
+	}
+	if err := client.waitExit(processWait); err != nil {
+		t.Errorf("ws_bidir_client: %v\n%s", err, client.out)
+	}
+}
+
 func TestExampleClientReassemblesFragmentsAndReportsClose(t *testing.T) {
 	received, authorization := make(chan []frame, 1), make(chan string, 1)
 	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

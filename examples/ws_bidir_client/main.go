@@ -198,7 +198,7 @@ func main() {
 	case <-first:
 	case status := <-closed:
 		if status.received && isRefusal(status.code) {
-			answerClose(conn, ws, status.code)
+			answerClose(ws, status.code)
 			conn.Close()
 			refused := &refusal{code: status.code, reason: status.reason}
 			fail(refused.exitStatus(), refused.Error())
@@ -227,15 +227,15 @@ func main() {
 		case <-pings:
 			seq++
 			message, _ := json.Marshal(pingMessage{Type: "ping", Seq: seq, Time: time.Now().UTC().Format(time.RFC3339)})
-			send(conn, ws, string(message))
+			send(ws, string(message))
 		case line := <-lines:
-			send(conn, ws, line)
+			send(ws, line)
 		case status := <-closed:
 			if !status.received {
 				conn.Close()
 				fail(exitFailed, "connection lost: "+status.err.Error())
 			}
-			answerClose(conn, ws, status.code)
+			answerClose(ws, status.code)
 			conn.Close()
 			if isRefusal(status.code) { // arrived later than refusalWait
 				refused := &refusal{code: status.code, reason: status.reason}
@@ -245,7 +245,6 @@ func main() {
 			return
 		case <-ctx.Done():
 			// Ctrl+C: start the closing handshake and wait briefly for the answer.
-			conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 			ws.WriteClose(closeNormal)
 			select {
 			case status := <-closed:
@@ -265,11 +264,10 @@ func main() {
 
 // answerClose answers a close frame with one echoing its code (RFC 6455
 // section 5.5.1).
-func answerClose(conn net.Conn, ws *websocket.Conn, code int) {
+func answerClose(ws *websocket.Conn, code int) {
 	if code == closeNoStatus {
 		code = closeNormal
 	}
-	conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	ws.WriteClose(code)
 }
 
@@ -322,11 +320,21 @@ func dial(ctx context.Context, config *websocket.Config) (*websocket.Conn, net.C
 	return ws, conn, nil
 }
 
-// recordingConn keeps a copy of what is read while recording.
+// recordingConn keeps a copy of what is read while recording (the
+// handshake), and afterwards bounds every write by writeTimeout from its
+// start: the pongs x/net/websocket writes for the reading goroutine too, so
+// that none inherits the deadline of an earlier write long past.
 type recordingConn struct {
 	net.Conn
 	recording bool
 	data      bytes.Buffer
+}
+
+func (c *recordingConn) Write(p []byte) (int, error) {
+	if !c.recording { // the handshake has its own deadline
+		c.Conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	}
+	return c.Conn.Write(p)
 }
 
 func (c *recordingConn) Read(p []byte) (int, error) {
@@ -363,9 +371,8 @@ func readRefusal(answer []byte, conn net.Conn) error {
 
 // send prints one text message and writes it. Printing first keeps "sent:"
 // ahead of the proxy's answer to it, which the reading goroutine prints.
-func send(conn net.Conn, ws *websocket.Conn, message string) {
+func send(ws *websocket.Conn, message string) {
 	out.Printf("sent: %s", message)
-	conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	if err := websocket.Message.Send(ws, message); err != nil {
 		out.Printf("send failed: %v", err)
 	}
