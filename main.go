@@ -85,6 +85,10 @@ const (
 	// payload; it counts against the queue bounds, so that a flood of empty
 	// frames (pongs) is bounded too.
 	frameOverhead = 64
+	// queueKeep is the most frames a drained queue's array keeps for the
+	// next ones: a connection that was once far behind does not hold the
+	// array it grew then.
+	queueKeep = 64
 	// keepaliveChannel is subscribed by every instance and published to by
 	// none: it keeps the subscriber in subscribed mode even with no client,
 	// where Redis answers PING in a form PubSubConn parses.
@@ -853,6 +857,8 @@ type conn struct {
 	raw                syscall.RawConn // netConn's descriptor, for tryWrite
 
 	reader      *bufio.Reader // the reader goroutine's alone
+	inbound     atomic.Int64  // bytes of the reader's message buffer, in metrics.inboundBytes
+	assembling  atomic.Int64  // UnixNano since the message being read began; 0 between messages
 	pingedAt    time.Time     // the sweeper's alone, as refreshedAt
 	refreshedAt time.Time
 	once        oneWrite // tryWrite's system call and result: whoever writes, one at a time
@@ -931,6 +937,7 @@ func (c *conn) readLoop() error {
 	var message []byte
 	var messageOp byte // opcode of the message being assembled; 0 = none
 	tooLarge := false
+	defer c.releaseInbound()
 	for {
 		c.stillAlive()
 		h, err := readFrameHeader(c.reader)
@@ -953,7 +960,8 @@ func (c *conn) readLoop() error {
 			continue
 		}
 		if h.op != opContinuation {
-			messageOp, message, tooLarge = h.op, message[:0], false
+			messageOp, message, tooLarge = h.op, nil, false
+			c.assembling.Store(time.Now().UnixNano())
 		}
 		// Both terms are below 2^63 (violation), so the sum cannot overflow.
 		tooLarge = tooLarge || uint64(len(message))+h.length > uint64(c.p.cfg.MaxMessageSize)
@@ -966,11 +974,25 @@ func (c *conn) readLoop() error {
 		if err := c.handleMessage(messageOp, message, tooLarge); err != nil {
 			return err
 		}
-		messageOp = 0
-		if cap(message) > 64<<10 { // do not hold a large buffer on an idle connection
-			message = nil
-		}
+		messageOp, message = 0, nil // an idle connection holds no message buffer
+		c.releaseInbound()
 	}
+}
+
+// holdInbound counts n more bytes of the reader's message buffer against
+// MAX_TOTAL_BUFFER_BYTES, which bounds all of them together (README: Limits
+// and abuse); past it, the clients sending the longest are closed.
+func (c *conn) holdInbound(n int64) {
+	c.inbound.Add(n)
+	if c.p.metrics.inboundBytes.Add(n) > int64(c.p.cfg.MaxTotalBuffer) {
+		c.p.shedSenders()
+	}
+}
+
+// releaseInbound gives back what the reader's message buffer counted.
+func (c *conn) releaseInbound() {
+	c.assembling.Store(0)
+	c.p.metrics.inboundBytes.Add(-c.inbound.Swap(0))
 }
 
 // stillAlive pushes the read deadline on: anything read, even a pong,
@@ -1046,7 +1068,9 @@ func (c *conn) readPayload(b []byte, h frameHeader, discard bool) ([]byte, error
 			}
 		} else {
 			if len(b) == cap(b) {
+				old := cap(b)
 				b = slices.Grow(b, min(want, max(len(b), 4<<10)))
+				c.holdInbound(int64(cap(b) - old))
 			}
 			room := b[len(b):min(cap(b), len(b)+want)]
 			got, err = c.reader.Read(room)
@@ -1156,8 +1180,8 @@ func (c *conn) sweep(now time.Time) (refreshToken bool) {
 // queue would pass MAX_BUFFER_SIZE_BYTES, or when it is behind (its writer
 // waits for the socket) and all queues together would pass
 // MAX_TOTAL_BUFFER_BYTES, whatever the frame (dispatch has first closed the
-// clients behind the longest): a client that keeps up is never closed for
-// others.
+// clients behind the longest), or when it is still in its handshake and
+// the total would pass: a client that keeps up is never closed for others.
 func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -1175,8 +1199,8 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 		c.tooSlowLocked("connection", cfg.MaxBufferSize)
 		return false
 	}
-	if c.writing && c.p.metrics.queuedBytes.Load()+int64(cost(f)) > int64(cfg.MaxTotalBuffer) {
-		c.tooSlowLocked("total", cfg.MaxTotalBuffer) // a pong or an error for a client that does not read
+	if (c.writing || !c.started) && c.p.metrics.queuedBytes.Load()+int64(cost(f)) > int64(cfg.MaxTotalBuffer) {
+		c.tooSlowLocked("total", cfg.MaxTotalBuffer) // a pong for a client that does not read, a handshake's backlog
 		return false
 	}
 	c.queue = append(c.queue, f)
@@ -1228,15 +1252,26 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 	c.closing = true
 	c.reason = cmp.Or(c.reason, reason)
 	if drop { // but what is being written: a frame is never cut
-		keep := c.inFlight
+		keep, left := c.inFlight, 0
 		if keep == 0 && len(c.queue) > 0 && c.queue[0].sent > 0 {
 			keep = 1
+		}
+		for _, f := range c.queue[:keep] {
+			left += headerLength(len(f.data)) + len(f.data) - f.sent
+		}
+		finish := left <= 2*maxWrite // the write under way and one more: else too much for a client that is behind
+		if !finish {
+			keep = 0
 		}
 		for _, f := range c.queue[keep:] {
 			c.account(-cost(f))
 		}
 		clear(c.queue[keep:])
 		c.queue = c.queue[:keep]
+		if !finish { // and no close frame: the writer fails and finds nothing left, the reader fails and serve ends
+			c.netConn.Close()
+			return
+		}
 	}
 	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
 	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)}) // not counted in queued
@@ -1341,9 +1376,12 @@ func (c *conn) advanceLocked(written int) {
 	}
 	rest := len(c.queue) - done
 	clear(c.queue[:done])
-	if rest == 0 {
+	switch {
+	case rest == 0 && cap(c.queue) > queueKeep:
+		c.queue = nil
+	case rest == 0:
 		c.queue = c.queue[:0] // keep the array: no allocation per message
-	} else {
+	default:
 		c.queue = c.queue[done:]
 	}
 }
@@ -1812,6 +1850,36 @@ func (h *hub) shedLocked(n int64) {
 	}
 }
 
+// shedSenders closes with 1008 the clients that have been sending their
+// message the longest until the buffers of client messages fit under
+// MAX_TOTAL_BUFFER_BYTES again: a client that trickles a large message
+// holds its buffer, and one that sends at the pace of its network does not
+// for long. Their sockets are closed at once, which frees their buffers.
+func (p *proxy) shedSenders() {
+	type sending struct {
+		c     *conn
+		since int64
+	}
+	var senders []sending
+	for _, c := range p.hub.conns(nil) {
+		if since := c.assembling.Load(); since != 0 && c.inbound.Load() > 0 {
+			senders = append(senders, sending{c, since})
+		}
+	}
+	slices.SortFunc(senders, func(a, b sending) int { return cmp.Compare(a.since, b.since) })
+	for _, s := range senders {
+		if p.metrics.inboundBytes.Load() <= int64(p.cfg.MaxTotalBuffer) {
+			return
+		}
+		held := s.c.inbound.Swap(0)
+		p.metrics.inboundBytes.Add(-held)
+		p.metrics.slowCloses["inbound"].Add(1)
+		s.c.log(slog.LevelWarn, "closing slow client", "inbound_bytes", held, "limit", "inbound", "limit_bytes", p.cfg.MaxTotalBuffer)
+		s.c.closeWith(1008, "message too slow", true)
+		s.c.netConn.Close()
+	}
+}
+
 // flush writes what dispatch deferred. The subscriber's socket calls it
 // when it is about to wait for Redis: every message it had is dispatched.
 func (h *hub) flush() {
@@ -1910,6 +1978,7 @@ func (r rawReader) Read(p []byte) (n int, err error) {
 type metrics struct {
 	families                                                          []*family
 	active, messagesDown, messagesUp, bytesDown, bytesUp, queuedBytes *atomic.Int64
+	inboundBytes                                                      *atomic.Int64
 	redisConnected, redisReconnects, subscribedChannels               *atomic.Int64
 	connections, clientErrors, slowCloses                             map[string]*atomic.Int64 // by label value
 	latency                                                           histogram
@@ -1932,8 +2001,9 @@ func newMetrics() *metrics {
 	m.messagesDown, m.messagesUp, m.bytesDown, m.bytesUp = messages["down"], messages["up"], bytes["down"], bytes["up"]
 	m.clientErrors = m.add("wsproxy_client_errors_total", "counter", "Control errors sent to clients, by code.", "code",
 		"invalid_json", "message_too_large", "binary_not_supported", "publish_failed", "upstream_disabled", "redis_reconnected")
-	m.slowCloses = m.add("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008, by the limit their queue would have passed.", "limit", "connection", "total")
+	m.slowCloses = m.add("wsproxy_slow_client_closes_total", "counter", "Connections closed with 1008, by the limit they would have passed.", "limit", "connection", "total", "inbound")
 	m.queuedBytes = one("wsproxy_queued_bytes", "gauge", "Bytes queued for clients over all connections.")
+	m.inboundBytes = one("wsproxy_inbound_bytes", "gauge", "Bytes held for client messages being reassembled, over all connections.")
 	m.redisConnected = one("wsproxy_redis_connected", "gauge", "1 while the shared subscriber is connected.")
 	m.redisReconnects = one("wsproxy_redis_reconnects_total", "counter", "Times the shared subscriber reconnected after a loss.")
 	m.subscribedChannels = one("wsproxy_subscribed_channels", "gauge", "Redis channels subscribed.")

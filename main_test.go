@@ -1478,6 +1478,48 @@ func TestFailedHandshakesLeaveNothingQueued(t *testing.T) {
 	check(t, "queued after the subscribe timeout", tp.p.metrics.queuedBytes.Load(), int64(0))
 }
 
+// What is queued for handshakes waiting on Redis counts against
+// MAX_TOTAL_BUFFER_BYTES too: past it, a handshake is closed with 1008 as
+// soon as it opens instead of queueing more.
+func TestHandshakeBacklogIsBoundedByTheTotal(t *testing.T) {
+	const bound = 1 << 20
+	r, fake := newFake(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES="+strconv.Itoa(bound), "MAX_TOTAL_BUFFER_BYTES="+strconv.Itoa(bound))
+	id, token := r.session(t)
+	channel := "session:" + id + ":down"
+	fake.HoldSubscribes(true)
+	first, second := tp.dialAsync("/agent/ws/"+id, bearer(token)), tp.dialAsync("/agent/ws/"+id, bearer(token))
+	eventually(t, "two handshakes waiting for their subscription", func() bool {
+		tp.p.hub.mu.Lock()
+		defer tp.p.hub.mu.Unlock()
+		return len(tp.p.hub.channels[channel]) == 2
+	})
+	message := []byte(`"` + strings.Repeat("h", 100000) + `"`)
+	for range 30 { // 3 MB: each handshake alone would take 1 MiB of it
+		tp.p.hub.dispatch(channel, message, time.Now().UnixNano())
+		if q := tp.p.metrics.queuedBytes.Load(); q > bound+int64(len(message)+frameOverhead) {
+			t.Fatalf("%d bytes queued for handshakes, over the bound of %d plus a message", q, bound)
+		}
+	}
+	fake.HoldSubscribes(false)
+	codes := map[int]int{}
+	for _, d := range []dialed{<-first, <-second} {
+		c := d.client(t)
+		for {
+			f, err := c.next(5 * time.Second)
+			if err != nil {
+				t.Fatalf("no close frame: %v", err)
+			}
+			if f.op == opClose {
+				codes[closeCode(f.payload)]++
+				break
+			}
+		}
+	}
+	check(t, "a handshake closed 1008", codes[1008] >= 1, true)
+	eventually(t, "nothing queued", func() bool { return tp.p.metrics.queuedBytes.Load() == 0 })
+}
+
 // ---------------------------------------------------------------------------
 // README: Protocol, Handshake (How a refusal is answered): refusals a
 // browser can read
@@ -2072,6 +2114,53 @@ func TestClaimedLengthCostsNoMemory(t *testing.T) {
 
 // Plain HTTP: an idle keep-alive connection is closed, and a request must
 // arrive in time; an upgraded WebSocket keeps none of those deadlines.
+// MAX_TOTAL_BUFFER_BYTES bounds the buffers of client messages being
+// reassembled, all together: past it, the clients that have been sending
+// their message the longest are closed (1008 message too slow), and a
+// client that sends at once is served.
+func TestInboundMessagesBoundedByTheTotal(t *testing.T) {
+	const bound = 1 << 20
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=65536", "MAX_TOTAL_BUFFER_BYTES="+strconv.Itoa(bound))
+	id, token := r.session(t)
+	up := r.up(t, id)
+	var tricklers []*wsClient
+	for i := range 4 { // each holds 400 KB of a 900 KB message: 1.6 MB together
+		c := tp.connect(t, id, token)
+		c.conn.Write(append(encodeHeader(true, opText, 900000, true), mask(bytes.Repeat([]byte(" "), 400000))...))
+		tricklers = append(tricklers, c)
+		eventually(t, "the message buffered", func() bool {
+			return tp.p.metrics.inboundBytes.Load() >= int64(min(i+1, 2)*400000) || tp.metric(t, `wsproxy_slow_client_closes_total{limit="inbound"}`) > 0
+		})
+	}
+	eventually(t, "a sender closed for the total", func() bool {
+		return tp.metric(t, `wsproxy_slow_client_closes_total{limit="inbound"}`) >= 1
+	})
+	if held := tp.p.metrics.inboundBytes.Load(); held > bound {
+		t.Errorf("%d bytes held for client messages, over the bound of %d", held, bound)
+	}
+	for { // the one sending the longest: a close frame, or the end of the socket
+		f, err := tricklers[0].next(5 * time.Second)
+		var netErr net.Error
+		if errors.As(err, &netErr) && netErr.Timeout() {
+			t.Fatal("the longest sender is still connected")
+		} else if err != nil {
+			break
+		}
+		if f.op == opClose {
+			check(t, "close", fmt.Sprintf("%d %s", closeCode(f.payload), f.payload[2:]), "1008 message too slow")
+			break
+		}
+	}
+	prompt := tp.connect(t, id, token)
+	prompt.sendText(`{"prompt":"hi"}`)
+	expectMessage(t, up, `{"prompt":"hi"}`)
+	for _, c := range tricklers {
+		c.conn.Close()
+	}
+	eventually(t, "nothing held", func() bool { return tp.p.metrics.inboundBytes.Load() == 0 })
+}
+
 func TestHTTPIdleAndRequestTimeouts(t *testing.T) {
 	defer func(idle, request time.Duration) { httpIdleTimeout, httpRequestTimeout = idle, request }(httpIdleTimeout, httpRequestTimeout)
 	httpIdleTimeout, httpRequestTimeout = 300*time.Millisecond, 300*time.Millisecond
@@ -2393,6 +2482,40 @@ func TestPongFloodIsBoundedByTheTotal(t *testing.T) {
 	check(t, "closes for one queue", tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`), 0.0)
 }
 
+// A client closed for the total while a large frame is half written to it
+// is disconnected at once, without a close frame, and what it held is freed:
+// shedding makes room, and the total stays within the bound plus a message.
+func TestShedClientHalfWayThroughALargeFrameFreesIt(t *testing.T) {
+	const bound = 2 << 20
+	r := newTestRedis(t)
+	tp := startProxy(t, r, "MAX_BUFFER_SIZE_BYTES=1048576", "MAX_TOTAL_BUFFER_BYTES="+strconv.Itoa(bound))
+	large := `"` + strings.Repeat("l", 900000) + `"`
+	var stalled []*wsClient
+	for i := range 6 { // 5.4 MB if each kept its frame in flight
+		id, token := r.session(t)
+		stalled = append(stalled, tp.connectSlow(t, id, token))
+		r.publish(t, id, large)
+		c := tp.connOf(t, id)
+		eventually(t, "the writer waiting for the socket", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.writing || c.closing })
+		if q := tp.p.metrics.queuedBytes.Load(); q > bound+int64(len(large)+frameOverhead) {
+			t.Fatalf("after %d stalled clients: %d bytes queued, over the bound of %d plus a message", i+1, q, bound)
+		}
+	}
+	check(t, "closes for the total", tp.metric(t, `wsproxy_slow_client_closes_total{limit="total"}`) >= 3, true)
+	for {
+		f, err := stalled[0].next(5 * time.Second) // what the kernel took of the frame, then the end
+		var netErr net.Error
+		if errors.As(err, &netErr) && netErr.Timeout() {
+			t.Fatal("the client shed is still connected")
+		} else if err != nil {
+			break
+		}
+		if f.op == opClose {
+			t.Fatal("a close frame after a frame cut short")
+		}
+	}
+}
+
 // One message larger than MAX_BUFFER_SIZE_BYTES is still delivered to a
 // client whose queue is empty: it is a worker's message, not a client that
 // is behind.
@@ -2407,6 +2530,34 @@ func TestMessageLargerThanTheQueueBoundIsDelivered(t *testing.T) {
 	r.publish(t, id, `"after"`)
 	c.expectText(`"after"`)
 	check(t, "slow-client closes", tp.metric(t, `wsproxy_slow_client_closes_total{limit="connection"}`), 0.0)
+}
+
+// A queue that grew long while its client was behind gives its array back
+// once drained: an idle connection does not keep what it needed then.
+func TestDrainedQueueGivesBackItsArray(t *testing.T) {
+	r := newTestRedis(t)
+	tp := startProxy(t, r)
+	id, token := r.session(t)
+	client := tp.connectSlow(t, id, token)
+	c := tp.connOf(t, id)
+	rc, err := redis.DialURL(r.url)
+	must(t, err)
+	defer rc.Close()
+	message := `"` + strings.Repeat("q", 100) + `"`
+	for range 20000 { // 2 MB, far more than the sockets take
+		rc.Send("PUBLISH", "session:"+id+":down", message)
+	}
+	_, err = rc.Do("")
+	must(t, err)
+	queueCap := func() int { c.mu.Lock(); defer c.mu.Unlock(); return cap(c.queue) }
+	eventually(t, "a long queue", func() bool { return queueCap() > 1000 })
+	for range 20000 {
+		client.expectText(message)
+	}
+	eventually(t, "the queue drained", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return !c.writing && len(c.queue) == 0 })
+	if n := queueCap(); n > queueKeep {
+		t.Errorf("the drained queue keeps an array of %d frames", n)
+	}
 }
 
 // A client that reads slowly but steadily is served, however long its queue
