@@ -179,7 +179,7 @@ func main() {
 	ws, conn, err := dial(ctx, config)
 	var refused *refusal
 	if errors.As(err, &refused) {
-		fail(refused.exitStatus(), refused.Error())
+		exitRefusedWith(refused)
 	} else if err != nil {
 		fail(exitFailed, "connect failed: "+err.Error())
 	}
@@ -201,7 +201,7 @@ func main() {
 			answerClose(ws, status.code)
 			conn.Close()
 			refused := &refusal{code: status.code, reason: status.reason}
-			fail(refused.exitStatus(), refused.Error())
+			exitRefusedWith(refused)
 		}
 		closed <- status // an ordinary end, reported below
 	case <-time.After(refusalWait):
@@ -239,7 +239,7 @@ func main() {
 			conn.Close()
 			if isRefusal(status.code) { // arrived later than refusalWait
 				refused := &refusal{code: status.code, reason: status.reason}
-				fail(refused.exitStatus(), refused.Error())
+				exitRefusedWith(refused)
 			}
 			out.Printf("closed: code=%d reason=%q", status.code, status.reason)
 			return
@@ -496,6 +496,14 @@ func getenv(name, fallback string) string {
 		return value
 	}
 	return fallback
+}
+
+// exitRefusedWith reports a refusal on standard output, where "connecting
+// to" went before it (so that the two keep their order in a pipe, too), and
+// exits with its status.
+func exitRefusedWith(r *refusal) {
+	out.Print(r.Error())
+	os.Exit(r.exitStatus())
 }
 
 func fail(status int, message string) {
