@@ -77,6 +77,9 @@ const (
 	maxWrite = 64 << 10
 	// readChunk is the most one read of a frame's payload takes.
 	readChunk = 32 << 10
+	// readBuffer is the size of a connection's read buffer: client messages
+	// are mostly small, and a larger one is read in chunks past it.
+	readBuffer = 512
 	// sendBuffer bounds the kernel's send buffer of a client socket (Linux
 	// doubles it): what a stalled client holds outside wsproxy's own queue
 	// bounds, and what a slow one must drain for the writer to see progress.
@@ -803,7 +806,7 @@ func (h *hijackCapture) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	h.netConn, h.reader = netConn, rw.Reader
 	if rw.Reader.Buffered() == 0 { // else frames arrived with the request: keep them
-		h.reader = bufio.NewReaderSize(netConn, 512)
+		h.reader = bufio.NewReaderSize(netConn, readBuffer)
 	}
 	return keepOpen{netConn}, bufio.NewReadWriter(h.reader, bufio.NewWriterSize(netConn, 256)), nil
 }
@@ -939,6 +942,9 @@ func (c *conn) readLoop() error {
 	tooLarge := false
 	defer c.releaseInbound()
 	for {
+		if c.reader.Size() > readBuffer && c.reader.Buffered() == 0 { // net/http's, kept for a frame sent with the request
+			c.reader = bufio.NewReaderSize(c.netConn, readBuffer)
+		}
 		c.stillAlive()
 		h, err := readFrameHeader(c.reader)
 		if err != nil {
@@ -1221,10 +1227,38 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 }
 
 // tooSlowLocked closes a client that cannot keep up, for the bound named.
+// Closed for the total with a frame half-written to it, it is disconnected
+// at once instead of being sent 1008 after that frame: what it held must be
+// freed now, for the clients that keep up.
 func (c *conn) tooSlowLocked(limit string, bound int) {
+	if c.closing {
+		return
+	}
 	c.p.metrics.slowCloses[limit].Add(1)
 	c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit, "limit_bytes", bound)
+	if limit == "total" && c.halfWrittenLocked() {
+		c.disconnectLocked("client too slow")
+		return
+	}
 	c.closeLocked(1008, "client too slow", true)
+}
+
+// halfWrittenLocked reports whether a frame is being written, or has been
+// in part: a close frame can only follow it.
+func (c *conn) halfWrittenLocked() bool {
+	return c.inFlight > 0 || len(c.queue) > 0 && c.queue[0].sent > 0
+}
+
+// disconnectLocked ends the connection at once, without a close frame,
+// and drops the whole queue, the frame being written included: the writer
+// fails, or finishes its own copy of the current write and finds nothing
+// left; the reader fails, and serve ends the connection.
+func (c *conn) disconnectLocked(reason string) {
+	c.closing = true
+	c.reason = cmp.Or(c.reason, reason)
+	c.account(-c.queued)
+	c.queue = nil
+	c.netConn.Close()
 }
 
 // cost is what a queued frame counts against the queue bounds.
@@ -1253,25 +1287,21 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 	c.reason = cmp.Or(c.reason, reason)
 	if drop { // but what is being written: a frame is never cut
 		keep, left := c.inFlight, 0
-		if keep == 0 && len(c.queue) > 0 && c.queue[0].sent > 0 {
+		if keep == 0 && c.halfWrittenLocked() {
 			keep = 1
 		}
 		for _, f := range c.queue[:keep] {
 			left += headerLength(len(f.data)) + len(f.data) - f.sent
 		}
-		finish := left <= 2*maxWrite // the write under way and one more: else too much for a client that is behind
-		if !finish {
-			keep = 0
+		if left > 2*maxWrite { // the write under way and one more; more is too much for a client that is behind
+			c.disconnectLocked(reason)
+			return
 		}
 		for _, f := range c.queue[keep:] {
 			c.account(-cost(f))
 		}
 		clear(c.queue[keep:])
 		c.queue = c.queue[:keep]
-		if !finish { // and no close frame: the writer fails and finds nothing left, the reader fails and serve ends
-			c.netConn.Close()
-			return
-		}
 	}
 	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
 	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)}) // not counted in queued
@@ -1852,7 +1882,7 @@ func (h *hub) shedLocked(n int64) {
 
 // shedSenders closes with 1008 the clients that have been sending their
 // message the longest until the buffers of client messages fit under
-// MAX_TOTAL_BUFFER_BYTES again: a client that trickles a large message
+// seven eighths of MAX_TOTAL_BUFFER_BYTES again: a client that trickles a large message
 // holds its buffer, and one that sends at the pace of its network does not
 // for long. Their sockets are closed at once, which frees their buffers.
 func (p *proxy) shedSenders() {
@@ -1868,8 +1898,11 @@ func (p *proxy) shedSenders() {
 	}
 	slices.SortFunc(senders, func(a, b sending) int { return cmp.Compare(a.since, b.since) })
 	for _, s := range senders {
-		if p.metrics.inboundBytes.Load() <= int64(p.cfg.MaxTotalBuffer) {
+		if p.metrics.inboundBytes.Load() <= int64(p.cfg.MaxTotalBuffer/8*7) { // some room, so that the next shed is not at once
 			return
+		}
+		if !s.c.assembling.CompareAndSwap(s.since, 0) { // its message ended, or another reader shed it
+			continue
 		}
 		held := s.c.inbound.Swap(0)
 		p.metrics.inboundBytes.Add(-held)
