@@ -804,10 +804,12 @@ func (h *hijackCapture) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	h.netConn, h.reader = netConn, rw.Reader
-	if rw.Reader.Buffered() == 0 { // else frames arrived with the request: keep them
-		h.reader = bufio.NewReaderSize(netConn, readBuffer)
+	var source io.Reader = netConn
+	if n := rw.Reader.Buffered(); n > 0 { // bytes of frames that came with the request: read them first
+		early, _ := rw.Reader.Peek(n)
+		source = io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)
 	}
+	h.netConn, h.reader = netConn, bufio.NewReaderSize(source, readBuffer)
 	return keepOpen{netConn}, bufio.NewReadWriter(h.reader, bufio.NewWriterSize(netConn, 256)), nil
 }
 
@@ -942,9 +944,6 @@ func (c *conn) readLoop() error {
 	tooLarge := false
 	defer c.releaseInbound()
 	for {
-		if c.reader.Size() > readBuffer && c.reader.Buffered() == 0 { // net/http's, kept for a frame sent with the request
-			c.reader = bufio.NewReaderSize(c.netConn, readBuffer)
-		}
 		c.stillAlive()
 		h, err := readFrameHeader(c.reader)
 		if err != nil {
@@ -977,6 +976,7 @@ func (c *conn) readLoop() error {
 			}
 			continue
 		}
+		c.assembling.Store(0) // whole: while it is published it still counts, but is no sender to shed
 		if err := c.handleMessage(messageOp, message, tooLarge); err != nil {
 			return err
 		}
@@ -1227,19 +1227,12 @@ func (c *conn) send(f outFrame, deferred bool) (flushPending bool) {
 }
 
 // tooSlowLocked closes a client that cannot keep up, for the bound named.
-// Closed for the total with a frame half-written to it, it is disconnected
-// at once instead of being sent 1008 after that frame: what it held must be
-// freed now, for the clients that keep up.
 func (c *conn) tooSlowLocked(limit string, bound int) {
 	if c.closing {
 		return
 	}
 	c.p.metrics.slowCloses[limit].Add(1)
 	c.log(slog.LevelWarn, "closing slow client", "queued_bytes", c.queued, "limit", limit, "limit_bytes", bound)
-	if limit == "total" && c.halfWrittenLocked() {
-		c.disconnectLocked("client too slow")
-		return
-	}
 	c.closeLocked(1008, "client too slow", true)
 }
 
@@ -1272,7 +1265,9 @@ func (c *conn) account(n int) {
 }
 
 // closeWith queues a close frame after what is queued, or instead of it when
-// drop is set. Nothing is queued after it.
+// drop is set; with drop, a connection that has a frame half-written to it
+// is disconnected at once instead, since a close frame could only follow
+// that frame. Nothing is queued after it.
 func (c *conn) closeWith(code int, reason string, drop bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -1285,23 +1280,14 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 	}
 	c.closing = true
 	c.reason = cmp.Or(c.reason, reason)
-	if drop { // but what is being written: a frame is never cut
-		keep, left := c.inFlight, 0
-		if keep == 0 && c.halfWrittenLocked() {
-			keep = 1
-		}
-		for _, f := range c.queue[:keep] {
-			left += headerLength(len(f.data)) + len(f.data) - f.sent
-		}
-		if left > 2*maxWrite { // the write under way and one more; more is too much for a client that is behind
-			c.disconnectLocked(reason)
-			return
-		}
-		for _, f := range c.queue[keep:] {
-			c.account(-cost(f))
-		}
-		clear(c.queue[keep:])
-		c.queue = c.queue[:keep]
+	if drop && c.halfWrittenLocked() { // a close frame could only follow that frame: keep nothing instead
+		c.disconnectLocked(reason)
+		return
+	}
+	if drop {
+		c.account(-c.queued)
+		clear(c.queue)
+		c.queue = c.queue[:0]
 	}
 	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
 	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)}) // not counted in queued
