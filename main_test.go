@@ -1014,25 +1014,33 @@ func (c *wsClient) expectCloseCode(code int) {
 	}
 }
 
-// expectShed fails unless the connection ends within 5 s as a slow client's
-// does: with 1008 client too slow, or, when it was shed for the total with
-// a frame half-written to it, by the end of the socket without a close frame.
-func (c *wsClient) expectShed() {
+// expectEnd reads what is left of the connection and returns its close
+// frame, or nil when the socket ended without one; it fails the test if the
+// connection is still open after 5 s.
+func (c *wsClient) expectEnd() *frame {
 	c.t.Helper()
 	for {
 		f, err := c.next(5 * time.Second)
 		var netErr net.Error
 		switch {
 		case errors.As(err, &netErr) && netErr.Timeout():
-			c.t.Fatal("a client shed is still connected")
+			c.t.Fatal("the connection is still open")
 		case err != nil:
-			return
+			return nil
 		case f.op == opClose:
-			if code, reason := closeCode(f.payload), string(f.payload[min(2, len(f.payload)):]); code != 1008 || reason != "client too slow" {
-				c.t.Errorf("shed with %d %q, want 1008 client too slow", code, reason)
-			}
-			return
+			return &f
 		}
+	}
+}
+
+// expectShed fails unless the connection ends as a slow client's does:
+// with 1008 reason, or, when a frame was half-written to it, by the end of
+// the socket without a close frame.
+func (c *wsClient) expectShed(reason ...string) {
+	c.t.Helper()
+	want := fmt.Sprintf("1008 %s", cmp.Or(strings.Join(reason, ""), "client too slow"))
+	if f := c.expectEnd(); f != nil {
+		check(c.t, "shed with", fmt.Sprintf("%d %s", closeCode(f.payload), f.payload[min(2, len(f.payload)):]), want)
 	}
 }
 
@@ -2163,19 +2171,7 @@ func TestInboundMessagesBoundedByTheTotal(t *testing.T) {
 			t.Fatalf("%d bytes held for client messages, over the bound of %d", held, bound)
 		}
 	})
-	for { // the one sending the longest: a close frame, or the end of the socket
-		f, err := tricklers[0].next(5 * time.Second)
-		var netErr net.Error
-		if errors.As(err, &netErr) && netErr.Timeout() {
-			t.Fatal("the longest sender is still connected")
-		} else if err != nil {
-			break
-		}
-		if f.op == opClose {
-			check(t, "close", fmt.Sprintf("%d %s", closeCode(f.payload), f.payload[2:]), "1008 message too slow")
-			break
-		}
-	}
+	tricklers[0].expectShed("message too slow") // the one sending the longest
 	if closes := tp.metric(t, `wsproxy_slow_client_closes_total{limit="inbound"}`); closes > float64(len(tricklers)) {
 		t.Errorf("%v closes counted for %d senders", closes, len(tricklers))
 	}
@@ -2556,17 +2552,8 @@ func shedHalfWay(t *testing.T, size, clients int) {
 		eventually(t, "the writer waiting for the socket", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.writing || c.closing })
 	}
 	check(t, "closes for the total", tp.metric(t, `wsproxy_slow_client_closes_total{limit="total"}`) >= 3, true)
-	for {
-		f, err := stalled[0].next(5 * time.Second) // what the kernel took of the frame, then the end
-		var netErr net.Error
-		if errors.As(err, &netErr) && netErr.Timeout() {
-			t.Fatal("the client shed is still connected")
-		} else if err != nil {
-			break
-		}
-		if f.op == opClose {
-			t.Fatal("a close frame after a frame cut short")
-		}
+	if stalled[0].expectEnd() != nil { // what the kernel took of the frame, then the end
+		t.Fatal("a close frame after a frame cut short")
 	}
 	eventually(t, "nothing queued", func() bool {
 		for _, c := range stalled {
