@@ -3671,10 +3671,20 @@ func postJSON(t *testing.T, target, body string, wantStatus int, result any) {
 	}
 }
 
-// ws_bidir_client against a server that splits a message over three frames
-// with a ping between them, sends a control error and closes with 4000: the
-// client prints the whole message, the control error, the close code and
-// reason, sends its token, answers the ping and echoes the close code.
+// acceptWebSocket completes a handshake as a server would (RFC 6455 §4.2.2),
+// for the tests of the example client, and returns the server's end; nil if
+// the connection could not be hijacked.
+func acceptWebSocket(w http.ResponseWriter, r *http.Request) *wsClient {
+	accept := sha1.Sum([]byte(r.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+	conn, buffered, err := w.(http.Hijacker).Hijack()
+	if err != nil {
+		return nil
+	}
+	fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
+		base64.StdEncoding.EncodeToString(accept[:]))
+	return &wsClient{conn: conn, br: buffered.Reader, server: true}
+}
+
 // ws_bidir_client answers a ping that comes more than its write timeout
 // (10 s) after the last line it sent: a pong does not inherit the deadline
 // of that line's write.
@@ -3682,15 +3692,11 @@ func TestExampleClientAnswersPingsLongAfterItsLastSend(t *testing.T) {
 	t.Parallel() // it waits 11 s: beside the other tests that wait
 	pong := make(chan frame, 1)
 	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		accept := sha1.Sum([]byte(r.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
-		conn, buffered, err := w.(http.Hijacker).Hijack()
-		if err != nil {
+		end := acceptWebSocket(w, r)
+		if end == nil {
 			return
 		}
-		defer conn.Close()
-		fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
-			base64.StdEncoding.EncodeToString(accept[:]))
-		end := &wsClient{conn: conn, br: buffered.Reader, server: true}
+		defer end.conn.Close()
 		if f, err := end.readFrame(processWait); err != nil || string(f.payload) != `{"type":"prompt"}` {
 			return
 		}
@@ -3718,19 +3724,19 @@ func TestExampleClientAnswersPingsLongAfterItsLastSend(t *testing.T) {
 	}
 }
 
+// ws_bidir_client against a server that splits a message over three frames
+// with a ping between them, sends a control error and closes with 4000: the
+// client prints the whole message, the control error, the close code and
+// reason, sends its token, answers the ping and echoes the close code.
 func TestExampleClientReassemblesFragmentsAndReportsClose(t *testing.T) {
 	received, authorization := make(chan []frame, 1), make(chan string, 1)
 	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		authorization <- r.Header.Get("Authorization")
-		accept := sha1.Sum([]byte(r.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
-		conn, buffered, err := w.(http.Hijacker).Hijack()
-		if err != nil {
+		end := acceptWebSocket(w, r)
+		if end == nil {
 			return
 		}
-		defer conn.Close()
-		fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
-			base64.StdEncoding.EncodeToString(accept[:]))
-		end := &wsClient{conn: conn, br: buffered.Reader, server: true}
+		defer end.conn.Close()
 		end.writeFrame(false, opText, []byte("frag"))
 		end.writeFrame(true, opPing, []byte("are you there?"))
 		end.writeFrame(false, opContinuation, []byte("mented "))
