@@ -1249,9 +1249,14 @@ func (c *conn) halfWrittenLocked() bool {
 func (c *conn) disconnectLocked(reason string) {
 	c.closing = true
 	c.reason = cmp.Or(c.reason, reason)
+	c.dropQueueLocked()
+	c.netConn.Close()
+}
+
+// dropQueueLocked forgets every frame queued, and what they counted.
+func (c *conn) dropQueueLocked() {
 	c.account(-c.queued)
 	c.queue = nil
-	c.netConn.Close()
 }
 
 // cost is what a queued frame counts against the queue bounds.
@@ -1285,9 +1290,7 @@ func (c *conn) closeLocked(code int, reason string, drop bool) {
 		return
 	}
 	if drop {
-		c.account(-c.queued)
-		clear(c.queue)
-		c.queue = c.queue[:0]
+		c.dropQueueLocked()
 	}
 	payload := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(reason)), uint16(code))
 	c.queue = append(c.queue, outFrame{op: opClose, data: append(payload, reason...)}) // not counted in queued
@@ -1636,8 +1639,7 @@ func (c *conn) abandon() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closing = true // a sweeper holding it queues nothing more
-	c.account(-c.queued)
-	c.queue = nil
+	c.dropQueueLocked()
 }
 
 // leave forgets c, and unsubscribes when it was the channel's last connection.
@@ -1867,10 +1869,11 @@ func (h *hub) shedLocked(n int64) {
 }
 
 // shedSenders closes with 1008 the clients that have been sending their
-// message the longest until the buffers of client messages fit under
-// seven eighths of MAX_TOTAL_BUFFER_BYTES again: a client that trickles a large message
-// holds its buffer, and one that sends at the pace of its network does not
-// for long. Their sockets are closed at once, which frees their buffers.
+// message the longest until the buffers of client messages fit under seven
+// eighths of MAX_TOTAL_BUFFER_BYTES again: a client that trickles a large
+// message holds its buffer, and one that sends at the pace of its network
+// does not for long. Their sockets are closed at once, which frees their
+// buffers.
 func (p *proxy) shedSenders() {
 	type sending struct {
 		c     *conn
